@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""KD-QAT of a ternary-weight / 8-bit-activation (W2A8) BERT student on a GLUE task.
+
+    python quant_task_glue.py --data.task sts-b --loss.attn_score_mse_weight 0 --loss.attn_prob_kl_weight 1
+    python quant_task_glue.py --evaluate output/sts-b/<run name>     # re-evaluate a saved student
+
+Every flag is generated from the dataclasses in transformer/config.py (the only place defaults live).
+If the teacher folder (default models/<task>) is empty, a full-precision teacher is fine-tuned first.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import utils_glue
+from transformer.config import ConfigError, build_parser, config_from_args, resolve, run_name
+from transformer.model import CheckpointError
+from transformer.train import RunError, evaluate_run, run_folder, train
+
+USER_ERRORS = (ConfigError, utils_glue.DataError, CheckpointError, RunError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a saved student on its dev set and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "evaluate", None):
+            glue_dir = getattr(args, "data.glue_dir", None)
+            print(json.dumps(evaluate_run(args.evaluate, glue_dir), indent=2))
+            return 0
+        cfg = resolve(config_from_args(args))
+        if getattr(args, "dry_run", False):
+            print(json.dumps({"run_folder": str(run_folder(cfg)), "run_name": run_name(cfg), "config": cfg.to_dict()}, indent=2))
+            return 0
+        train(cfg, command=[sys.executable, *(sys.argv if argv is None else ["quant_task_glue.py", *argv])])
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every shell launcher end to end, a few steps on the tiny model (real GLUE data when present)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_flags
+
+pytestmark = pytest.mark.slow
+
+
+def launch(script: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
+    return subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def finished_runs(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.glob("*/*/result.json"))
+
+
+@pytest.mark.parametrize("script,terms", [
+    ("run_kd_qat_map.sh", {"loss/attn_prob_kl", "loss/hidden_mse", "loss/logits_kd"}),
+    ("run_kd_qat_output.sh", {"loss/attn_output_mse", "loss/hidden_mse", "loss/logits_kd"}),
+    ("run_kd_qat_baseline.sh", {"loss/attn_score_mse", "loss/hidden_mse", "loss/logits_kd"}),
+])
+def test_recipe_launchers(tmp_path, tiny_base, glue_dir, script, terms):
+    r = launch(script, "sts-b", *tiny_flags(tmp_path, tiny_base, glue_dir), "--train.log_every", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = finished_runs(tmp_path / "out")
+    logged = {k for line in (run / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    assert terms <= logged and not ({"loss/attn_score_mse", "loss/attn_prob_kl", "loss/attn_output_mse"} - terms) & logged
+    assert (run / "model.safetensors").exists() and json.loads((run / "best.json").read_text())["step"] >= 1
+
+
+def test_default_task_is_sts_b(tmp_path, tiny_base, glue_dir):
+    r = launch("run_kd_qat_map.sh", *tiny_flags(tmp_path, tiny_base, glue_dir), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["data"]["task"] == "sts-b"
+
+
+def test_exploration_launcher_sets_both_coefficients_and_seed(tmp_path, tiny_base, glue_dir):
+    # MODEL given as a folder: the teacher is fine-tuned there first
+    r = launch("run_kd_qat_exploration.sh", "rte", str(tmp_path / "teacher_rte"), "0.3", "1", "52",
+               *tiny_flags(tmp_path, tiny_base, glue_dir)[:4], *tiny_flags(tmp_path, tiny_base, glue_dir)[6:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = finished_runs(tmp_path / "out")
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert cfg["loss"]["attn_prob_kl_weight"] == 0.3 and cfg["loss"]["attn_output_mse_weight"] == 1.0
+    assert cfg["train"]["seed"] == 52 and run.name.endswith("-s52")
+
+
+def test_sweep_launcher_gives_each_run_its_own_folder(tmp_path, tiny_base, glue_dir):
+    flags = tiny_flags(tmp_path, tiny_base, glue_dir, steps=1)
+    flags[flags.index("--model.teacher_dir") + 1] = str(tmp_path / "t")  # exploration overrides it with MODEL
+    r = launch("run_mixing_param_sweep.sh", "sts-b", str(tmp_path / "t"), *flags, env_extra={"SEEDS": "42 52", "GAMMAS": "0.5"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(p.name for p in finished_runs(tmp_path / "out"))
+    assert len(names) == 4 and len(set(names)) == 4
+    assert sum("attn_prob_kl=0.5" in n for n in names) == 2 and sum(n.endswith("-s52") for n in names) == 2
+
+
+@pytest.mark.parametrize("script", ["run_kd_qat_exploration.sh", "run_mixing_param_sweep.sh"])
+def test_bad_arguments_print_usage(script):
+    r = launch(script)
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_cli_help_documents_every_flag():
+    r = subprocess.run([sys.executable, str(REPO / "quant_task_glue.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "--loss.attn_prob_kl_weight" in r.stdout and "--quant.act_granularity" in r.stdout and "--evaluate" in r.stdout

@@ -1,0 +1,222 @@
+"""Quantizer properties, exact equality with short references written here, STE gradients, the model swap."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.config import QuantConfig
+from transformer.model import ActSlot, BertForGlue
+from transformer.quant import (ActConfig, ActFakeQuantizer, QuantEmbedding, QuantLinear, TernaryWeightConfig,
+                               UniformWeightConfig, quantize_activation, quantize_model, set_quant_enabled,
+                               ternarize, uniform_quantize)
+from tests.conftest import TINY
+
+TERNARY = TernaryWeightConfig()
+ACT8 = ActConfig()
+
+
+def twn_reference(w: torch.Tensor, t: float = 0.7, clip: float = 2.5) -> torch.Tensor:
+    """SPEC §2 TWN, per tensor, written out literally."""
+    w = torch.clamp(w, -clip, clip)
+    delta = t * w.abs().mean()
+    m = (w.abs() > delta).float()
+    alpha = (w.abs() * m).sum() / m.sum()
+    return alpha * torch.sign(w) * m
+
+
+def act_reference(x: torch.Tensor, bits: int = 8, clip: float = 2.5) -> torch.Tensor:
+    x = torch.clamp(x, -clip, clip)
+    s = (2 ** (bits - 1) - 1) / x.abs().max()
+    return torch.round(x * s) / s
+
+
+def test_ternary_matches_reference_exactly():
+    w = torch.randn(16, 24) * 1.5
+    torch.testing.assert_close(ternarize(w, TERNARY), twn_reference(w), rtol=0, atol=0)
+
+
+def test_ternary_per_row_matches_reference_row_by_row():
+    w = torch.randn(7, 24)
+    q = ternarize(w, TernaryWeightConfig(granularity="row"))
+    for r in range(7):
+        torch.testing.assert_close(q[r], twn_reference(w[r]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_ternary_has_at_most_three_values_and_is_idempotent(granularity):
+    cfg = TernaryWeightConfig(granularity=granularity)
+    w = torch.randn(9, 40)
+    q = ternarize(w, cfg)
+    rows = [q] if granularity == "tensor" else list(q)
+    for r in rows:
+        vals = r.unique()
+        assert len(vals) <= 3 and len(vals.abs().unique()) <= 2  # {-α, 0, +α}
+    torch.testing.assert_close(ternarize(q, cfg), q, rtol=1e-6, atol=1e-7)
+
+
+def test_ternary_zero_rows_give_zeros_not_nan():
+    w = torch.randn(4, 8)
+    w[1] = 0
+    q = ternarize(w, TernaryWeightConfig(granularity="row"))
+    assert torch.isfinite(q).all() and (q[1] == 0).all()
+    assert (ternarize(torch.zeros(3, 3), TERNARY) == 0).all()
+
+
+def test_ternary_threshold_ratio_is_used():
+    w = torch.tensor([[0.1, 0.5, -1.0, 2.0]])  # mean|w| = 0.9
+    # ratio 0.7: Δ = 0.63 -> keep -1.0, 2.0 ; α = 1.5.  ratio 0.1: Δ = 0.09 -> keep all ; α = 0.9
+    torch.testing.assert_close(ternarize(w, TernaryWeightConfig(threshold_ratio=0.7)), torch.tensor([[0, 0, -1.5, 1.5]]))
+    torch.testing.assert_close(ternarize(w, TernaryWeightConfig(threshold_ratio=0.1)), torch.tensor([[0.9, 0.9, -0.9, 0.9]]))
+
+
+def test_act_quant_matches_reference_and_has_255_levels_zero_maps_to_zero():
+    x = torch.randn(3, 5, 16) * 2
+    x[0, 0, 0] = 0
+    q = quantize_activation(x, ACT8)
+    torch.testing.assert_close(q, act_reference(x), rtol=0, atol=0)
+    assert len(q.unique()) <= 255 and q[0, 0, 0] == 0
+    assert (quantize_activation(torch.zeros(2, 3), ACT8) == 0).all()  # max|x| = 0 -> zeros, no NaN
+
+
+def test_act_quant_4bit_levels():
+    q = quantize_activation(torch.randn(1000), ActConfig(bits=4))
+    assert len(q.unique()) <= 15
+
+
+def test_per_token_scale_does_not_depend_on_the_rest_of_the_batch():
+    x = torch.rand(2, 4, 8) - 0.5  # |x| < 2.5: the clamp does not hide the scale change
+    y = x.clone()
+    y[1] *= 4  # another sequence changes
+    cfg = ActConfig(granularity="token")
+    torch.testing.assert_close(quantize_activation(x, cfg)[0], quantize_activation(y, cfg)[0], rtol=0, atol=0)
+    assert not torch.equal(quantize_activation(x, ACT8)[0], quantize_activation(y, ACT8)[0])  # per tensor does
+
+
+def test_exclude_padding_ignores_padded_positions():
+    x = torch.randn(2, 5, 8) * 0.5
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y = x.clone()
+    y[0, 3:] = 2.4  # garbage in padding
+    cfg = ActConfig(exclude_padding=True)
+    torch.testing.assert_close(quantize_activation(x, cfg, valid)[valid], quantize_activation(y, cfg, valid)[valid],
+                               rtol=0, atol=0)
+    probs = torch.rand(2, 2, 5, 5)
+    probs2 = probs.clone()
+    probs2[0, :, 3:, :] = 1.0  # padded query rows of sample 0
+    a, b = quantize_activation(probs, cfg, valid), quantize_activation(probs2, cfg, valid)
+    torch.testing.assert_close(a[0, :, :3, :3], b[0, :, :3, :3], rtol=0, atol=0)
+
+
+def test_clipped_ste_gradients():
+    w = torch.tensor([-3.0, -2.5, -1.0, 0.2, 2.4, 2.5, 4.0], requires_grad=True)
+    ternarize(w, TERNARY).sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([0.0, 0, 1, 1, 1, 0, 0]))
+    x = torch.tensor([-9.0, 0.3, 2.6], requires_grad=True)
+    quantize_activation(x, ACT8).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1, 0]))
+    x.grad = None
+    quantize_activation(x, ActConfig(clip=None)).sum().backward()  # no clamp: identity gradient
+    torch.testing.assert_close(x.grad, torch.ones(3))
+
+
+def test_uniform_weight_levels():
+    w = torch.randn(32, 32)
+    for bits in (4, 8):
+        q = uniform_quantize(w, UniformWeightConfig(bits=bits))
+        assert len(q.unique()) <= 2 ** bits - 1
+        torch.testing.assert_close(q, act_reference(w, bits), rtol=0, atol=0)
+
+
+def test_quant_linear_matches_reference_exactly():
+    lin = nn.Linear(16, 8)
+    ql = QuantLinear.from_linear(copy.deepcopy(lin), TERNARY)
+    act = ActFakeQuantizer(ACT8)
+    x = torch.randn(3, 5, 16)
+    ref = torch.nn.functional.linear(act_reference(x), twn_reference(lin.weight.detach()), lin.bias)
+    torch.testing.assert_close(ql(act(x)), ref, rtol=0, atol=0)
+
+
+def test_disabled_quant_is_exactly_linear_also_after_a_step():
+    lin = nn.Linear(16, 8)
+    ql = QuantLinear.from_linear(copy.deepcopy(lin), TERNARY)
+    ql.weight_quantizer.enabled = False
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(ql(x), lin(x), rtol=0, atol=0)
+    for m in (lin, ql):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(x).square().sum().backward()
+        opt.step()
+    torch.testing.assert_close(ql.weight, lin.weight, rtol=0, atol=0)
+
+
+def test_latent_weight_changes_after_a_step():
+    ql = QuantLinear.from_linear(nn.Linear(16, 8), TERNARY)
+    before = ql.weight.detach().clone()
+    opt = torch.optim.SGD(ql.parameters(), lr=0.1)
+    ql(torch.randn(4, 16)).square().sum().backward()
+    assert ql.weight.grad is not None and ql.weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, ql.weight)
+
+
+def test_quant_embedding_equals_quantizing_the_whole_table():
+    emb = nn.Embedding(20, 8, padding_idx=0)
+    qe = QuantEmbedding.from_embedding(copy.deepcopy(emb), TernaryWeightConfig(granularity="row"))
+    ids = torch.tensor([[1, 5, 5, 0], [19, 3, 2, 2]])
+    table = emb.weight.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.embedding(ids, ternarize(table, TernaryWeightConfig(granularity="row")), 0)
+    out = qe(ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(qe.weight.grad, table.grad)
+
+
+def _count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def test_quantize_model_swaps_what_spec_says_and_keeps_parameters():
+    model = BertForGlue(TINY)
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    quantize_model(model, QuantConfig())
+    assert list(model.state_dict()) == keys  # HF names unchanged: saved students load anywhere
+    assert all(p is params[n] for n, p in model.named_parameters())  # same Parameter objects
+    L = TINY.num_layers
+    assert _count(model, QuantLinear) == 6 * L + 1  # Q, K, V, attn-out, FFN1, FFN2 per layer + pooler
+    assert type(model.classifier) is nn.Linear
+    assert isinstance(model.bert.embeddings.word_embeddings, QuantEmbedding)
+    assert type(model.bert.embeddings.position_embeddings) is nn.Embedding
+    assert _count(model, ActFakeQuantizer) == 8 * L + 1  # qkv in, q, k, v, probs, attn-out in, FFN1 in, FFN2 in; pooler
+    assert _count(model, ActSlot) == 0
+
+
+def test_component_switches():
+    model = quantize_model(BertForGlue(TINY), QuantConfig(ffn1=False, ffn2=False, embeddings=False, attn_acts=False))
+    assert _count(model, QuantLinear) == 4 * TINY.num_layers + 1
+    assert _count(model, ActFakeQuantizer) == 2 * TINY.num_layers + 1
+    assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
+    assert quantize_model(BertForGlue(TINY), QuantConfig(enabled=False)) is not None
+    assert _count(quantize_model(BertForGlue(TINY), QuantConfig(enabled=False)), QuantLinear) == 0
+
+
+def test_disabled_quantized_model_equals_fp_model():
+    fp = BertForGlue(TINY).eval()
+    q = quantize_model(copy.deepcopy(fp), QuantConfig()).eval()
+    ids = torch.randint(5, TINY.vocab_size, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    args = (ids, torch.zeros_like(ids), mask)
+    assert not torch.equal(q(*args).logits, fp(*args).logits)
+    set_quant_enabled(q, False)
+    torch.testing.assert_close(q(*args).logits, fp(*args).logits, rtol=0, atol=0)
+
+
+def test_bad_bits_are_rejected():
+    from transformer.config import ConfigError
+    with pytest.raises(ConfigError, match="weight_bits"):
+        QuantConfig(weight_bits=3)
+    with pytest.raises(ConfigError, match="input_bits"):
+        QuantConfig(input_bits=16)

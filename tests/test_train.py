@@ -1,0 +1,118 @@
+"""Optimizer, schedule, and tiny end-to-end KD-QAT runs through the CLI (run folder, logs, reload, errors)."""
+import json
+import math
+
+import pytest
+import torch
+
+import quant_task_glue
+from transformer.model import BertForGlue
+from transformer.train import BertAdam, lr_at, param_groups
+from tests.conftest import TINY, tiny_flags
+
+
+def test_lr_schedule_warmup_decay_and_no_idle_step():
+    total, peak = 100, 1.0
+    lrs = [lr_at(s, total, peak, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
+    assert min(lrs) > 0 and lrs[-1] == pytest.approx(1 / 90)  # reaches 0 only after the last step
+    assert lr_at(0, 10, 2e-5, 0.0) == pytest.approx(2e-5)
+
+
+def test_bertadam_first_step_has_no_bias_correction_and_clips_per_tensor():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    q = torch.nn.Parameter(torch.tensor([0.5]))
+    opt = BertAdam([{"params": [p], "weight_decay": 0.1}, {"params": [q], "weight_decay": 0.0}], lr=0.01,
+                   eps=0.0, max_grad_norm=1.0)
+    p.grad = torch.tensor([3.0, 4.0])   # norm 5 -> clipped to (0.6, 0.8)
+    q.grad = torch.tensor([0.5])        # norm 0.5 -> unchanged (per tensor, not global)
+    opt.step()
+    # m = 0.1 g, v = 0.001 g^2 -> update = 0.1/sqrt(0.001) sign(g) = 3.1623 sign(g); + decoupled wd 0.1 p
+    u = 0.1 / math.sqrt(0.001)
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0 - 0.01 * (u + 0.1), -2.0 - 0.01 * (u - 0.2)]))
+    torch.testing.assert_close(q.detach(), torch.tensor([0.5 - 0.01 * u]))
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    groups = param_groups(BertForGlue(TINY), 0.01)
+    decay_names = {n for n, p in BertForGlue(TINY).named_parameters()}
+    assert groups[1]["weight_decay"] == 0 and groups[0]["weight_decay"] == 0.01
+    n_no_decay = sum(1 for n in decay_names if n.endswith(".bias") or "LayerNorm" in n)
+    assert len(groups[1]["params"]) == n_no_decay
+
+
+def _run(tmp_path, tiny_base, glue_dir, *extra, steps=3):
+    argv = ["--data.task", "sts-b", *tiny_flags(tmp_path, tiny_base, glue_dir, steps), "--train.eval_every", "2",
+            "--train.log_every", "1", *extra]
+    return quant_task_glue.main(argv), argv
+
+
+def test_tiny_kd_qat_run_end_to_end(tmp_path, tiny_base, glue_dir, capsys):
+    rc, argv = _run(tmp_path, tiny_base, glue_dir, "--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1",
+                    "--train.tensorboard")
+    assert rc == 0
+    assert (tmp_path / "teacher" / "model.safetensors").exists() and (tmp_path / "teacher" / "finetune.json").exists()
+    runs = list((tmp_path / "out" / "sts-b").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert "attn_prob_kl=1" in run.name and run.name.endswith("-s42")
+    for f in ("run_config.json", "command.txt", "git_sha.txt", "metrics.jsonl", "best.json", "result.json",
+              "teacher_eval.json", "config.json", "model.safetensors", "tokenizer_config.json"):
+        assert (run / f).exists(), f
+    assert list((run / "tb").iterdir())
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "teacher/corr" in records[0]
+    losses = [r for r in records if "loss/total" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(math.isfinite(r["loss/attn_prob_kl"]) and "loss/hidden_mse" in r and "lr" in r for r in losses)
+    assert "loss/attn_score_mse" not in losses[0]
+    assert [r["step"] for r in records if "eval/corr" in r] == [2, 3]  # every 2 steps and at the last step
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] in (2, 3) and "corr" in best["metrics"]
+    # the saved student reloads with its quantizers and gives the recorded dev metric
+    capsys.readouterr()
+    assert quant_task_glue.main(["--evaluate", str(run)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["corr"] == pytest.approx(best["metrics"]["corr"], abs=1e-6)
+    # and HF loads it too (latent FP weights)
+    from transformers import BertForSequenceClassification
+    assert BertForSequenceClassification.from_pretrained(str(run)).config.num_labels == 1
+
+
+def test_finished_run_is_refused_unless_overwrite(tmp_path, tiny_base, glue_dir, capsys):
+    assert _run(tmp_path, tiny_base, glue_dir, steps=1)[0] == 0
+    capsys.readouterr()
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, steps=1)
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a finished run" in err and "Traceback" not in err
+    assert _run(tmp_path, tiny_base, glue_dir, "--train.overwrite", steps=1)[0] == 0
+
+
+def test_fp_student_and_other_recipes_run(tmp_path, tiny_base, glue_dir):
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--no-quant.enabled", "--loss.attn_output_mse_weight", "1",
+                 "--loss.context_mse_weight", "1", "--loss.sa_output_mse_weight", "1", "--loss.value_relation_kl_weight", "1",
+                 "--loss.label_loss_weight", "1", "--optim.optimizer", "adamw", "--data.pad_to_max", steps=2)
+    assert rc == 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--data.task", "nosuchtask"], "nosuchtask"),
+    (["--data.glue_dir", "/nonexistent/glue"], "/nonexistent/glue"),
+    (["--quant.weight_bits", "3"], "weight_bits"),
+    (["--model.base_dir", "/nonexistent/base"], "/nonexistent/base"),
+])
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path, tiny_base, glue_dir, capsys, extra, match):
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and match in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "teacher").exists()
+
+
+def test_teacher_with_wrong_num_labels_is_refused(tmp_path, tiny_base, glue_dir, capsys):
+    # an RTE teacher (2 labels) used for STS-B (regression, 1 output)
+    assert quant_task_glue.main(["--data.task", "rte", *tiny_flags(tmp_path, tiny_base, glue_dir, 1)]) == 0
+    rc, _ = _run(tmp_path, tiny_base, glue_dir)
+    err = capsys.readouterr().err
+    assert rc == 2 and "num_labels=2 but the task needs 1" in err
+    assert not (tmp_path / "out" / "sts-b").exists()

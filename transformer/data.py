@@ -1,0 +1,88 @@
+"""Tokenized GLUE splits -> padded tensor batches. Reading, tokenizing and metrics live in `utils_glue`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import utils_glue
+from transformer.config import DataConfig
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor        # (B, S) int64
+    token_type_ids: Tensor   # (B, S) int64
+    attention_mask: Tensor   # (B, S) bool, True = real token
+    labels: Tensor           # (B,) int64 class index, or float32 score for regression
+
+    def to(self, device: torch.device | str) -> Batch:
+        nb = device != "cpu" and torch.device(device).type == "cuda"
+        return Batch(*(t.to(device, non_blocking=nb) for t in
+                       (self.input_ids, self.token_type_ids, self.attention_mask, self.labels)))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class TaskData:
+    task: utils_glue.TaskSpec
+    train: utils_glue.Encoded
+    dev: dict[str, utils_glue.Encoded]  # split name -> examples (MNLI: dev_matched, dev_mismatched)
+
+
+def load_task_data(cfg: DataConfig, tokenizer, with_train: bool = True) -> TaskData:
+    """Read and tokenize the task's train (or train_aug) and dev splits; `limit_*` keep the first N."""
+    task = utils_glue.get_task(cfg.task, cfg.custom_task)
+    folder = utils_glue.task_dir(Path(cfg.glue_dir), task)
+
+    def encode(split: str, limit: int | None) -> utils_glue.Encoded:
+        examples = utils_glue.read_examples(folder, task, split)[:limit]
+        if not examples:
+            raise utils_glue.DataError(f"{folder / (split + '.tsv')}: no examples")
+        return utils_glue.encode_examples(examples, task, tokenizer, cfg.max_seq_len)
+
+    train = encode("train_aug" if cfg.augment else "train", cfg.limit_train) if with_train else None
+    dev = {split: encode(split, cfg.limit_dev) for split in task.dev_splits}
+    return TaskData(task, train, dev)
+
+
+def collate(enc: utils_glue.Encoded, idx: list[int] | np.ndarray, pad_to: int | None, pad_id: int = 0) -> Batch:
+    """Pad examples `idx` to `pad_to` tokens (None: to the longest of them)."""
+    rows = [enc.input_ids[i] for i in idx]
+    S = pad_to or max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    types = torch.zeros((len(rows), S), dtype=torch.long)
+    mask = torch.zeros((len(rows), S), dtype=torch.bool)
+    for b, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[b, :n] = torch.as_tensor(enc.input_ids[i])
+        types[b, :n] = torch.as_tensor(enc.token_type_ids[i])
+        mask[b, :n] = True
+    return Batch(ids, types, mask, torch.as_tensor(enc.labels[np.asarray(idx)]))
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return math.ceil(n_examples / batch_size)
+
+
+def train_batches(enc: utils_glue.Encoded, batch_size: int, seed: int, pad_to: int | None) -> Iterator[Batch]:
+    """Endless stream of shuffled batches; epoch e uses permutation seed (seed, e), the last batch may be short."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(enc), generator=g).numpy()
+        for start in range(0, len(order), batch_size):
+            yield collate(enc, order[start:start + batch_size], pad_to)
+        epoch += 1
+
+
+def eval_batches(enc: utils_glue.Encoded, batch_size: int, pad_to: int | None) -> Iterator[Batch]:
+    for start in range(0, len(enc), batch_size):
+        yield collate(enc, np.arange(start, min(start + batch_size, len(enc))), pad_to)

@@ -1,0 +1,170 @@
+"""Knowledge-distillation losses (SPEC §4): pure functions `<tensor>_<comparison>(s, t, ctx)` + one combiner.
+
+Paper names (TernaryBERT; Kim et al., EMNLP 2022 "KD-QAT"; MiniLM) and ours:
+
+| paper / published flag        | here                | tensor compared                          |
+|-------------------------------|---------------------|------------------------------------------|
+| pred (P)                      | logits_kd           | logits, soft CE (regression: MSE)        |
+| gt                            | label_loss          | logits vs gold label (CE / MSE)          |
+| rep (R)                       | hidden_mse          | embeddings + every layer output          |
+| attn_score (S)                | attn_score_mse      | pre-softmax scores                       |
+| attn_map (M), map_coeff       | attn_prob_kl        | attention probabilities, KL(T‖S)         |
+| attn_output (O), output_coeff | attn_output_mse     | post-LayerNorm attention output          |
+| sa_output (SA)                | sa_output_mse       | attention-output dense, pre-LayerNorm    |
+| context                       | context_mse         | per-head P·V                             |
+| value relation (MiniLM)       | value_relation_kl   | softmax(VVᵀ/√d_h), KL(T‖S)               |
+
+Layer terms are summed over layers; student layer i is compared with teacher layer `layer_map[i]`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer.config import LossConfig
+from transformer.model import EncoderOutput, MASK_VALUE
+
+PROB_FLOOR = 1e-8  # probabilities are clamped here inside the logs of the KL terms (SPEC §4)
+
+
+@dataclass
+class LossContext:
+    valid: Tensor                 # (B, S) bool, True = real token
+    labels: Tensor                # (B,) class index or float score
+    regression: bool
+    layer_map: list[int]          # student layer i <- teacher layer layer_map[i]
+    temperature: float = 1.0
+    padding_invariant: bool = False
+
+
+def identity_layer_map(num_layers: int) -> list[int]:
+    return list(range(num_layers))
+
+
+def _layer_pairs(s: EncoderOutput, t: EncoderOutput, ctx: LossContext, name: str):
+    for i, j in enumerate(ctx.layer_map):
+        yield getattr(s.layers[i], name), getattr(t.layers[j], name)
+
+
+def _token_mse(a: Tensor, b: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Mean squared error; with token_mask (broadcastable to a, 1 = counted) only over counted entries."""
+    if token_mask is None:
+        return F.mse_loss(a, b)
+    m = token_mask.to(a.dtype).expand_as(a)
+    return ((a - b).square() * m).sum() / m.sum().clamp_min(1)
+
+
+def _pair_mask(valid: Tensor) -> Tensor:
+    return (valid[:, :, None] & valid[:, None, :])[:, None]  # (B, 1, S, S): valid query and valid key
+
+
+def logits_kd(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """pred: −Σ_c softmax(z_T/τ)_c log_softmax(z_S/τ)_c, mean over batch; regression: MSE(z_S, z_T)."""
+    if ctx.regression:
+        return F.mse_loss(s.logits, t.logits)
+    p_t = (t.logits / ctx.temperature).softmax(-1)
+    return -(p_t * (s.logits / ctx.temperature).log_softmax(-1)).sum(-1).mean()
+
+
+def label_loss(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """gt: cross-entropy to the gold label, mean over batch; regression: MSE to the gold score."""
+    if ctx.regression:
+        return F.mse_loss(s.logits.squeeze(-1), ctx.labels.to(s.logits.dtype))
+    return F.cross_entropy(s.logits, ctx.labels)
+
+
+def hidden_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """rep: Σ_{l=0..L} MSE(hidden_S[l], hidden_T[map(l)]), embedding output paired with embedding output."""
+    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
+    hs, ht = s.hidden_states(), t.hidden_states()
+    pairs = [(hs[0], ht[0])] + [(hs[i + 1], ht[j + 1]) for i, j in enumerate(ctx.layer_map)]
+    return sum(_token_mse(a, b, mask) for a, b in pairs)
+
+
+def attn_score_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """attn_score: Σ_l MSE of pre-softmax scores (B, H, S, S); entries ≤ −100 (masked) zeroed on both sides."""
+    # zero masked entries: otherwise the large negative mask constant would dominate the MSE
+    mask = _pair_mask(ctx.valid) if ctx.padding_invariant else None
+    total = 0.0
+    for a, b in _layer_pairs(s, t, ctx, "scores"):
+        a = torch.where(a <= -100, torch.zeros_like(a), a)
+        b = torch.where(b <= -100, torch.zeros_like(b), b)
+        total = total + _token_mse(a, b, mask)
+    return total
+
+
+def _masked_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
+    """mean_{b,h} (1/s_b) Σ_{i,j<s_b} p_T (log p_T − log p_S) over each sample's valid s_b×s_b block."""
+    kl = p_t * (p_t.clamp_min(PROB_FLOOR).log() - p_s.clamp_min(PROB_FLOOR).log())  # (B, H, S, S)
+    per_sample = (kl * _pair_mask(valid)).sum(dim=(-1, -2))                          # (B, H)
+    return (per_sample / valid.sum(-1, keepdim=True).to(kl.dtype)).mean()
+
+
+def attn_prob_kl(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """attn_map: Σ_l KL(T‖S) of attention probabilities, row-wise, averaged over valid query rows, then b and h."""
+    return sum(_masked_kl(b, a, ctx.valid) for a, b in _layer_pairs(s, t, ctx, "probs"))
+
+
+def _value_relation(v: Tensor, valid: Tensor) -> Tensor:
+    """softmax(V Vᵀ/√d_h + key mask): (B, H, S, d_h) -> (B, H, S, S)."""
+    rel = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+    return (rel + (~valid)[:, None, None, :].to(rel.dtype) * MASK_VALUE).softmax(-1)
+
+
+def value_relation_kl(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """MiniLM value relation: Σ_l KL(T‖S) of softmax(VVᵀ/√d_h), masked like attn_prob_kl."""
+    return sum(_masked_kl(_value_relation(b, ctx.valid), _value_relation(a, ctx.valid), ctx.valid)
+               for a, b in _layer_pairs(s, t, ctx, "value"))
+
+
+def attn_output_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """attn_output: Σ_l MSE of LayerNorm(dropout(sa_output) + h_in), (B, S, D)."""
+    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
+    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "attn_output"))
+
+
+def sa_output_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """sa_output: Σ_l MSE of the attention-output dense result, before dropout/residual/LayerNorm, (B, S, D)."""
+    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
+    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "sa_output"))
+
+
+def context_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """context: Σ_l MSE of per-head P·V, (B, H, S, d_h); padding-invariant: valid query rows only."""
+    mask = ctx.valid[:, None, :, None] if ctx.padding_invariant else None
+    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "context"))
+
+
+LOSSES = {"logits_kd": logits_kd, "label_loss": label_loss, "hidden_mse": hidden_mse,
+          "attn_score_mse": attn_score_mse, "attn_prob_kl": attn_prob_kl, "attn_output_mse": attn_output_mse,
+          "sa_output_mse": sa_output_mse, "context_mse": context_mse, "value_relation_kl": value_relation_kl}
+
+# The per-layer tensors (model.KEEPABLE) each term reads.
+REQUIRES = {"logits_kd": set(), "label_loss": set(), "hidden_mse": {"hidden"}, "attn_score_mse": {"scores"},
+            "attn_prob_kl": {"probs"}, "attn_output_mse": {"attn_output"}, "sa_output_mse": {"sa_output"},
+            "context_mse": {"context"}, "value_relation_kl": {"value"}}
+
+
+def active_terms(cfg: LossConfig) -> dict[str, float]:
+    """Loss name -> coefficient, for the terms with a non-zero coefficient."""
+    weights = {f.name[: -len("_weight")]: getattr(cfg, f.name) for f in fields(cfg) if f.name.endswith("_weight")}
+    assert set(weights) == set(LOSSES), "LossConfig and LOSSES must name the same terms"
+    return {n: w for n, w in weights.items() if w != 0}
+
+
+def required_tensors(cfg: LossConfig) -> frozenset[str]:
+    """What the student and teacher forwards must keep for the enabled terms (nothing else is stored)."""
+    return frozenset().union(*(REQUIRES[n] for n in active_terms(cfg)))
+
+
+def distill_loss(s: EncoderOutput, t: EncoderOutput, ctx: LossContext, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_term coefficient · term; also returns each unweighted term (for logging)."""
+    weights = active_terms(cfg)
+    if not weights:
+        raise ValueError("every loss coefficient is 0: nothing to train")
+    terms = {n: LOSSES[n](s, t, ctx) for n in weights}
+    return sum(weights[n] * v for n, v in terms.items()), terms

@@ -1,0 +1,262 @@
+"""Fake quantization for W2A8 students (SPEC §2): ternary / uniform weights, symmetric dynamic activations.
+
+Layout (torchao QAT style): small frozen configs -> pure functions -> thin modules with an `enabled`
+switch -> one `quantize_model` entry point that swaps modules in place and shares the Parameters.
+Every quantizer keeps the latent FP value and trains it through a clipped straight-through estimator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.config import QuantConfig
+from transformer.model import ActSlot, BertForGlue
+
+
+class _ClippedSTE(torch.autograd.Function):
+    """Forward returns `q`; backward passes the gradient to `x` where -clip < x < clip, else 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, clip: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * ((x > -ctx.clip) & (x < ctx.clip)).to(grad.dtype), None, None
+
+
+def clipped_ste(x: Tensor, q: Tensor, clip: float | None) -> Tensor:
+    """Value of `q`, gradient of identity into `x` zeroed outside ±clip (no clip: plain identity)."""
+    if clip is None:
+        return x + (q - x).detach()
+    return _ClippedSTE.apply(x, q.detach(), clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+@dataclass(frozen=True)
+class TernaryWeightConfig:
+    granularity: Literal["tensor", "row"] = "tensor"  # row: one Δ, α per output row (word embeddings)
+    threshold_ratio: float = 0.7                       # Δ = ratio · mean|w|  (TWN, Li et al. 2016)
+    clip: float = 2.5                                  # clamp w to ±clip first
+
+
+@dataclass(frozen=True)
+class UniformWeightConfig:
+    bits: int = 8                                      # symmetric: levels -(2^(b-1)-1) .. 2^(b-1)-1, scale from max|w|
+    granularity: Literal["tensor", "row"] = "tensor"
+    clip: float = 2.5
+
+
+def _mean(x: Tensor, per_row: bool) -> Tensor:
+    return x.mean(dim=-1, keepdim=True) if per_row else x.mean()
+
+
+def _sum(x: Tensor, per_row: bool) -> Tensor:
+    return x.sum(dim=-1, keepdim=True) if per_row else x.sum()
+
+
+@torch.no_grad()
+def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
+    """TWN: α·sign(w)·[|w| > Δ] on clamped w, Δ = t·mean|w|, α = mean of |w| over kept entries. No grad."""
+    per_row = cfg.granularity == "row"
+    a = w.clamp(-cfg.clip, cfg.clip).abs()
+    keep = (a > cfg.threshold_ratio * _mean(a, per_row)).to(w.dtype)
+    alpha = _sum(a * keep, per_row) / _sum(keep, per_row).clamp_min(1)  # nothing kept -> α = 0, not NaN
+    return alpha * torch.sign(w) * keep
+
+
+def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
+    """Ternary fake-quant of w (any shape; per row = last dim) with the clipped STE."""
+    return clipped_ste(w, ternary_values(w, cfg), cfg.clip)
+
+
+@torch.no_grad()
+def symmetric_values(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
+                     valid: Tensor | None = None) -> Tensor:
+    """round(x·s)/s with s = (2^(b-1)-1)/max|x| after clamping to ±clip. No grad.
+
+    max_dims: dims reduced for the max (None = whole tensor); valid: bool mask broadcastable to x,
+    False entries are left out of the max. max|x| = 0 gives zeros, not NaN.
+    """
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    a = x.abs()
+    if valid is not None:
+        a = a.masked_fill(~valid, 0)
+    m = a.amax() if max_dims is None else a.amax(dim=max_dims, keepdim=True)
+    s = (2 ** (bits - 1) - 1) / m.clamp_min(1e-30)
+    return torch.round(x * s) / s
+
+
+def uniform_quantize(w: Tensor, cfg: UniformWeightConfig) -> Tensor:
+    """Symmetric uniform fake-quant of a weight tensor (one scale per tensor or per row), clipped STE."""
+    dims = (-1,) if cfg.granularity == "row" else None
+    return clipped_ste(w, symmetric_values(w, cfg.bits, cfg.clip, dims), cfg.clip)
+
+
+class WeightFakeQuantizer(nn.Module):
+    def __init__(self, config: TernaryWeightConfig | UniformWeightConfig):
+        super().__init__()
+        self.config, self.enabled = config, True
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        if isinstance(self.config, TernaryWeightConfig):
+            return ternarize(w, self.config)
+        return uniform_quantize(w, self.config)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, enabled={self.enabled}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+@dataclass(frozen=True)
+class ActConfig:
+    bits: int = 8
+    clip: float | None = 2.5                        # None: no clamp
+    granularity: Literal["tensor", "token"] = "tensor"  # token: one scale per token (per attention row for probs)
+    exclude_padding: bool = False                   # padding positions do not enter the max
+
+
+def _valid_mask(x: Tensor, valid: Tensor | None) -> Tensor | None:
+    """Broadcast the (B, S) token mask to x: (B, S, D) tokens, (B, H, S, S) query rows and keys, (B, D) [CLS]."""
+    if valid is None or x.dim() == 2:
+        return None
+    if x.dim() == 3:
+        return valid[:, :, None]
+    return valid[:, None, :, None] & valid[:, None, None, :]
+
+
+def quantize_activation(x: Tensor, cfg: ActConfig, valid: Tensor | None = None) -> Tensor:
+    """Symmetric dynamic fake-quant of an activation (SPEC §2), clipped STE."""
+    mask = _valid_mask(x, valid) if cfg.exclude_padding else None
+    dims = None if cfg.granularity == "tensor" else (-1,)
+    return clipped_ste(x, symmetric_values(x, cfg.bits, cfg.clip, dims, mask), cfg.clip)
+
+
+class ActFakeQuantizer(nn.Module):
+    """Drop-in for the model's `ActSlot`: same (x, valid) signature."""
+
+    def __init__(self, config: ActConfig):
+        super().__init__()
+        self.config, self.enabled = config, True
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        return quantize_activation(x, self.config, valid) if self.enabled else x
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, enabled={self.enabled}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules and the swap
+
+class QuantLinear(nn.Linear):
+    """nn.Linear whose weight is fake-quantized on every forward; the latent FP weight is the Parameter."""
+
+    weight_quantizer: WeightFakeQuantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config) -> QuantLinear:
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.weight, q.bias = linear.weight, linear.bias  # shared Parameters: optimizer and state_dict unchanged
+        q.weight_quantizer = WeightFakeQuantizer(config)
+        return q
+
+
+class QuantEmbedding(nn.Embedding):
+    """Word embeddings with one ternary scale per row (TernaryBERT). Rows are independent, so the
+    looked-up rows are quantized instead of the whole table: same values and gradients, far cheaper."""
+
+    weight_quantizer: WeightFakeQuantizer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.weight, self.padding_idx)  # (B, S, D)
+        return self.weight_quantizer(rows)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, config: TernaryWeightConfig | UniformWeightConfig) -> QuantEmbedding:
+        if config.granularity != "row":
+            raise ValueError("QuantEmbedding quantizes looked-up rows, so it needs per-row granularity")
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"):
+            setattr(q, attr, getattr(emb, attr))
+        q.weight = emb.weight
+        q.weight_quantizer = WeightFakeQuantizer(config)
+        return q
+
+
+def weight_config(cfg: QuantConfig, per_row: bool = False) -> TernaryWeightConfig | UniformWeightConfig:
+    granularity = "row" if per_row else "tensor"
+    if cfg.weight_bits == 2:
+        return TernaryWeightConfig(granularity, cfg.threshold_ratio, cfg.clip_val)
+    return UniformWeightConfig(cfg.weight_bits, granularity, cfg.clip_val)
+
+
+def act_config(cfg: QuantConfig) -> ActConfig:
+    return ActConfig(cfg.input_bits, cfg.clip_val if cfg.act_clip else None, cfg.act_granularity, cfg.act_exclude_padding)
+
+
+def quantize_model(model: BertForGlue, cfg: QuantConfig) -> BertForGlue:
+    """Swap the student's encoder Linears, pooler, word embeddings and activation slots for fake
+    quantizers, as selected by the component switches of `cfg`. In place; returns the same object.
+    The classifier, position/token-type embeddings, LayerNorms, softmax and GELU stay FP (SPEC §2)."""
+    if not cfg.enabled:
+        return model
+    w, act = weight_config(cfg), act_config(cfg)
+
+    def linear(parent: nn.Module, name: str, on: bool):
+        if on:
+            setattr(parent, name, QuantLinear.from_linear(getattr(parent, name), w))
+
+    def slot(parent: nn.Module, name: str, on: bool):
+        if on:
+            assert isinstance(getattr(parent, name), ActSlot)
+            setattr(parent, name, ActFakeQuantizer(act))
+
+    body = model.bert
+    if cfg.embeddings:
+        emb = body.embeddings
+        emb.word_embeddings = QuantEmbedding.from_embedding(emb.word_embeddings, weight_config(cfg, per_row=True))
+    for layer in body.encoder.layer:
+        sa, so = layer.attention.self, layer.attention.output
+        for name in ("query", "key", "value"):
+            linear(sa, name, cfg.qkv)
+        slot(sa, "act_in", cfg.qkv)
+        for name in ("act_q", "act_k", "act_v", "act_probs"):
+            slot(sa, name, cfg.attn_acts)
+        linear(so, "dense", cfg.attn_out)
+        slot(so, "act_in", cfg.attn_out)
+        linear(layer.intermediate, "dense", cfg.ffn1)
+        slot(layer.intermediate, "act_in", cfg.ffn1)
+        linear(layer.output, "dense", cfg.ffn2)
+        slot(layer.output, "act_in", cfg.ffn2)
+    linear(body.pooler, "dense", cfg.pooler)
+    slot(body.pooler, "act_in", cfg.pooler)
+    return model
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Flip every weight and activation fake quantizer of `model` (the only runtime switch)."""
+    for m in model.modules():
+        if isinstance(m, (WeightFakeQuantizer, ActFakeQuantizer)):
+            m.enabled = enabled
