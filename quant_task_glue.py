@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """KD-QAT of a ternary-weight / 8-bit-activation (W2A8) BERT student on a GLUE task.
 
-    python quant_task_glue.py --data.task sts-b --loss.attn_score_mse_weight 0 --loss.attn_prob_kl_weight 1
+    python quant_task_glue.py sts-b --loss.attn_score_mse_weight 0 --loss.attn_prob_kl_weight 1
     python quant_task_glue.py --evaluate output/sts-b/<run name>     # re-evaluate a saved student
 
 Every flag is generated from the dataclasses in transformer/config.py (the only place defaults live).
@@ -22,6 +22,7 @@ USER_ERRORS = (ConfigError, utils_glue.DataError, CheckpointError, RunError)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", nargs="?", help="task name, same as --data.task (default: sts-b)")
     parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a saved student on its dev set and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
     args = parser.parse_args(argv)
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             glue_dir = getattr(args, "data.glue_dir", None)
             print(json.dumps(evaluate_run(args.evaluate, glue_dir), indent=2))
             return 0
+        if getattr(args, "task", None):
+            if hasattr(args, "data.task"):
+                raise ConfigError("give the task either as TASK or as --data.task, not both")
+            setattr(args, "data.task", args.task)
         cfg = resolve(config_from_args(args))
         if getattr(args, "dry_run", False):
             print(json.dumps({"run_folder": str(run_folder(cfg)), "run_name": run_name(cfg), "config": cfg.to_dict()}, indent=2))

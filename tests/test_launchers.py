@@ -42,9 +42,10 @@ def test_default_task_is_sts_b(tmp_path, tiny_base, glue_dir):
 
 
 def test_exploration_launcher_sets_both_coefficients_and_seed(tmp_path, tiny_base, glue_dir):
-    # MODEL given as a folder: the teacher is fine-tuned there first
-    r = launch("run_kd_qat_exploration.sh", "rte", str(tmp_path / "teacher_rte"), "0.3", "1", "52",
-               *tiny_flags(tmp_path, tiny_base, glue_dir)[:4], *tiny_flags(tmp_path, tiny_base, glue_dir)[6:])
+    # MODEL given as a folder: the teacher is fine-tuned there first (tiny_flags' own teacher_dir is dropped)
+    flags = tiny_flags(tmp_path, tiny_base, glue_dir)
+    i = flags.index("--model.teacher_dir")
+    r = launch("run_kd_qat_exploration.sh", "rte", str(tmp_path / "teacher_rte"), "0.3", "1", "52", *flags[:i], *flags[i + 2:])
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = finished_runs(tmp_path / "out")
     cfg = json.loads((run / "run_config.json").read_text())
@@ -62,9 +63,10 @@ def test_sweep_launcher_gives_each_run_its_own_folder(tmp_path, tiny_base, glue_
     assert sum("attn_prob_kl=0.5" in n for n in names) == 2 and sum(n.endswith("-s52") for n in names) == 2
 
 
-@pytest.mark.parametrize("script", ["run_kd_qat_exploration.sh", "run_mixing_param_sweep.sh"])
-def test_bad_arguments_print_usage(script):
-    r = launch(script)
+@pytest.mark.parametrize("script,args", [("run_kd_qat_exploration.sh", []), ("run_mixing_param_sweep.sh", []),
+                                         ("run_kd_qat_map.sh", ["-x"]), ("run_kd_qat_output.sh", ["rte", "extra"])])
+def test_bad_arguments_print_usage(script, args):
+    r = launch(script, *args)
     assert r.returncode == 2 and "usage:" in r.stderr
 
 

@@ -116,3 +116,11 @@ def test_teacher_with_wrong_num_labels_is_refused(tmp_path, tiny_base, glue_dir,
     err = capsys.readouterr().err
     assert rc == 2 and "num_labels=2 but the task needs 1" in err
     assert not (tmp_path / "out" / "sts-b").exists()
+
+
+def test_a_teacher_folder_with_other_files_is_never_replaced(tmp_path, tiny_base, glue_dir, capsys):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "notes.txt").write_text("mine")
+    rc, _ = _run(tmp_path, tiny_base, glue_dir)
+    assert rc == 2 and "holds files but no model checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "teacher" / "notes.txt").read_text() == "mine"

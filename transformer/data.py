@@ -22,7 +22,7 @@ class Batch:
     labels: Tensor           # (B,) int64 class index, or float32 score for regression
 
     def to(self, device: torch.device | str) -> Batch:
-        nb = device != "cpu" and torch.device(device).type == "cuda"
+        nb = torch.device(device).type == "cuda"  # async copies only make sense to a GPU
         return Batch(*(t.to(device, non_blocking=nb) for t in
                        (self.input_ids, self.token_type_ids, self.attention_mask, self.labels)))
 

@@ -254,6 +254,8 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     cfg = resolve(cfg)
     device = pick_device(cfg.train.device)
     target = Path(cfg.model.teacher_dir)
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"{target} holds files but no model checkpoint; remove it or choose another --model.teacher_dir")
     if not has_checkpoint(cfg.model.base_dir):
         raise CheckpointError(f"{cfg.model.base_dir}: base model not found (install it with `bash setup.sh`)")
     tokenizer = load_tokenizer(cfg.model.base_dir)
@@ -296,8 +298,9 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     _write_json(tmp / "finetune.json", {"task": data.task.name, "base_model": str(cfg.model.base_dir), "steps": total,
                                         "dev": metrics, "wall_s": round(time.time() - start, 1),
                                         "teacher": dataclasses.asdict(t), "command": command, "git_sha": _git_sha()})
-    if target.exists():  # an empty or partial folder left by hand; has_checkpoint() said it holds no teacher
-        shutil.rmtree(target)
+    if target.exists():  # empty (checked above)
+        target.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
     print(f"teacher saved to {target} (dev {metrics})")
     return target
