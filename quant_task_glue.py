@@ -6,18 +6,30 @@
 
 Every flag is generated from the dataclasses in transformer/config.py (the only place defaults live).
 If the teacher folder (default models/<task>) is empty, a full-precision teacher is fine-tuned first.
+Rerunning an interrupted command resumes it from its last checkpoint. Multi-process (DDP):
+`torchrun --nproc_per_node N quant_task_glue.py ...` or `NPROC=N python quant_task_glue.py ...`.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import utils_glue
 from transformer.config import ConfigError, build_parser, config_from_args, resolve, run_name
+from transformer.distributed import DeviceError
 from transformer.model import CheckpointError
-from transformer.train import RunError, evaluate_run, run_folder, train
+from transformer.train import NonFiniteError, RunError, RunInterrupted, evaluate_run, run_folder, train
 
-USER_ERRORS = (ConfigError, utils_glue.DataError, CheckpointError, RunError)
+USER_ERRORS = (ConfigError, utils_glue.DataError, CheckpointError, RunError, DeviceError)
+
+
+def relaunch_with_torchrun(argv: list[str]) -> None:
+    """NPROC=N (N > 1) outside torchrun: replace this process with `torchrun --nproc_per_node N` of itself."""
+    n = int(os.environ.get("NPROC", "1") or "1")
+    if n > 1 and "WORLD_SIZE" not in os.environ:
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={n}", os.path.abspath(__file__), *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a saved student on its dev set and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
     args = parser.parse_args(argv)
+    if not getattr(args, "evaluate", None) and not getattr(args, "dry_run", False):
+        relaunch_with_torchrun(sys.argv[1:] if argv is None else argv)
     try:
         if getattr(args, "evaluate", None):
             glue_dir = getattr(args, "data.glue_dir", None)
@@ -40,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"run_folder": str(run_folder(cfg)), "run_name": run_name(cfg), "config": cfg.to_dict()}, indent=2))
             return 0
         train(cfg, command=[sys.executable, *(sys.argv if argv is None else ["quant_task_glue.py", *argv])])
+    except RunInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

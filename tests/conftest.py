@@ -39,10 +39,11 @@ def make_tokenizer(folder: Path):
     return tok
 
 
-def make_base_model(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+def make_base_model(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
     """A random tiny BERT checkpoint in HF format (with tokenizer), standing in for a pre-trained base."""
     torch.manual_seed(seed)
-    model = BertForGlue(BertShape(**{**TINY.__dict__, "num_labels": num_labels}))
+    model = BertForGlue(BertShape(**{**TINY.__dict__, "num_labels": num_labels, "hidden_dropout": dropout,
+                                     "attn_dropout": dropout}))
     for m in model.modules():  # HF-like init so the tiny model is not degenerate
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(m.weight, std=0.2)
@@ -54,6 +55,12 @@ def make_base_model(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return make_base_model(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_no_dropout(tmp_path_factory) -> Path:
+    """For runs that must match across process counts or micro-batching (dropout draws would differ)."""
+    return make_base_model(tmp_path_factory.mktemp("tiny_base_nodrop"), dropout=0.0)
 
 
 STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
@@ -88,5 +95,6 @@ def glue_dir(tmp_path_factory) -> Path:
 def tiny_flags(tmp: Path, base: Path, glue: Path, steps: int = 2) -> list[str]:
     """Flags that shrink any run to seconds: tiny base model, few examples, few steps, temp folders."""
     return ["--data.glue_dir", str(glue), "--model.base_dir", str(base), "--model.teacher_dir", str(tmp / "teacher"),
-            "--train.output_root", str(tmp / "out"), "--train.max_steps", str(steps), "--data.limit_train", "16",
+            "--train.output_root", str(tmp / "out"), "--train.max_steps", str(steps), "--teacher.max_steps", "2",
+            "--data.limit_train", "16",
             "--data.limit_dev", "16", "--data.max_seq_len", "32", "--train.batch_size", "8", "--no-train.tensorboard"]

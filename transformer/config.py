@@ -165,6 +165,11 @@ class TeacherConfig:
     lr: float = field(default=5e-5, metadata=_help("teacher fine-tuning peak LR (AdamW, linear decay; HF GLUE example default)"))
     warmup_ratio: float = field(default=0.0, metadata=_help("teacher LR warm-up fraction"))
     weight_decay: float = field(default=0.0, metadata=_help("teacher weight decay"))
+    max_steps: int | None = field(default=None, metadata=_help("cap on teacher fine-tuning steps (smoke runs); default: epochs"))
+
+    def __post_init__(self):
+        if self.epochs <= 0 or self.lr <= 0 or (self.max_steps is not None and self.max_steps <= 0):
+            raise ConfigError(f"--teacher.epochs, --teacher.lr and --teacher.max_steps must be > 0, got {self}")
 
 
 @dataclass
@@ -182,10 +187,17 @@ class TrainConfig:
     run_name: str | None = field(default=None, metadata=_help("default: task, every non-default knob and the seed"))
     overwrite: bool = field(default=False, metadata=_help("replace a finished run with the same name"))
     tensorboard: bool = field(default=True, metadata=_help("write TensorBoard scalars to <run>/tb"))
-    threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for torch (default: torch's choice; 1 is faster when other jobs share the CPU)"))
+    micro_batch_size: int | None = field(default=None, metadata=_help(
+        "split each rank's share of the batch into chunks of this size (gradient accumulation); default: no split"))
+    resume: bool = field(default=True, metadata=_help("continue an interrupted run from its last checkpoint"))
+    keep_checkpoint: bool = field(default=False, metadata=_help("keep checkpoint.pt (model + optimizer + RNG) after the run ends"))
+    on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=_help(
+        "a non-finite loss or gradient stops the run (saving the batch and weights to inspect), or skips the batch"))
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_every", "threads"):
+        for name in ("max_steps", "batch_size", "eval_every", "threads", "micro_batch_size", "eval_batch_size", "log_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"--train.{name} must be > 0, got {v}")
@@ -244,14 +256,26 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data, train=train, model=model)
 
 
-# Fields that say where things are or how a run is watched, not what it computes: kept out of run names.
-_NOT_IN_NAME = {"data.glue_dir", "data.custom_task", "model.base_dir", "train.output_root", "train.run_name",
-                "train.overwrite", "train.device", "train.log_every", "train.tensorboard", "train.eval_batch_size",
-                "train.threads", "train.seed", "data.task"}
+# Fields that say where things are or how a run is watched, not what it computes: they may change
+# when a run is resumed, and they stay out of run names.
+RUNTIME_ONLY = {"data.glue_dir", "model.base_dir", "train.output_root", "train.run_name", "train.overwrite",
+                "train.resume", "train.device", "train.log_every", "train.tensorboard", "train.threads",
+                "train.on_nonfinite", "train.keep_checkpoint"}
+_NOT_IN_NAME = RUNTIME_ONLY | {"data.task", "data.custom_task", "train.seed", "train.eval_batch_size"}
+
+
+def incompatible_fields(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """Fields (section.name) where two configs would compute different runs."""
+    out = []
+    for section in fields(RunConfig):
+        a, b = getattr(saved, section.name), getattr(cfg, section.name)
+        out += [f"{section.name}.{f.name}" for f in fields(a)
+                if f"{section.name}.{f.name}" not in RUNTIME_ONLY and getattr(a, f.name) != getattr(b, f.name)]
+    return out
 
 
 _PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir"}
-MAX_NAME = 180  # file systems cap a folder name at 255 bytes
+MAX_NAME = 200  # file systems cap a folder name at 255 bytes
 
 
 def _fmt(v, key: str) -> str:

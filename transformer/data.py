@@ -72,15 +72,31 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return math.ceil(n_examples / batch_size)
 
 
-def train_batches(enc: utils_glue.Encoded, batch_size: int, seed: int, pad_to: int | None) -> Iterator[Batch]:
-    """Endless stream of shuffled batches; epoch e uses permutation seed (seed, e), the last batch may be short."""
-    epoch = 0
+def train_batches(enc: utils_glue.Encoded, batch_size: int, seed: int, pad_to: int | None, start_step: int = 0,
+                  rank: int = 0, world: int = 1, micro_batch_size: int | None = None
+                  ) -> Iterator[list[tuple[Batch, float]]]:
+    """Endless stream, one item per optimizer step: this rank's micro-batches of the global batch, each with
+    its share n_micro / n_global of the batch (so Σ over ranks and micro-batches of share·mean loss = global mean).
+
+    Epoch e shuffles with seed (seed, e); the last batch of an epoch may be short. Every rank draws the
+    same global batch, pads it to its longest example (or pad_to) and takes its contiguous share, so the
+    split changes neither padding nor order. start_step skips that many global batches (resume).
+    """
+    per_epoch = steps_per_epoch(len(enc), batch_size)
+    epoch, skip = divmod(start_step, per_epoch)
     while True:
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(enc), generator=g).numpy()
-        for start in range(0, len(order), batch_size):
-            yield collate(enc, order[start:start + batch_size], pad_to)
-        epoch += 1
+        for start in range(skip * batch_size, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            length = pad_to or max(len(enc.input_ids[i]) for i in idx)
+            mine = np.array_split(idx, world)[rank]
+            if len(mine) == 0:  # a short last batch leaves this rank nothing: a zero-share forward keeps DDP in step
+                yield [(collate(enc, idx[:1], length), 0.0)]
+                continue
+            chunks = [mine] if micro_batch_size is None else np.array_split(mine, math.ceil(len(mine) / micro_batch_size))
+            yield [(collate(enc, c, length), len(c) / len(idx)) for c in chunks]
+        epoch, skip = epoch + 1, 0
 
 
 def eval_batches(enc: utils_glue.Encoded, batch_size: int, pad_to: int | None) -> Iterator[Batch]:

@@ -5,12 +5,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,17 +22,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import utils_glue
-from transformer.config import OptimConfig, RunConfig, resolve, run_name
+from transformer import distributed
+from transformer.config import OptimConfig, RunConfig, resolve
 from transformer.data import TaskData, eval_batches, load_task_data, steps_per_epoch, train_batches
-from transformer.losses import LossContext, distill_loss, identity_layer_map, label_loss, required_tensors
+from transformer.distributed import pick_device
+from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
 from transformer.model import BertForGlue, CheckpointError, load_bert, save_bert
 from transformer.quant import quantize_model
+from transformer.rundir import (CHECKPOINT, RunDir, RunError, check_run_folder, git_sha, load_checkpoint, run_folder,
+                                save_checkpoint, write_json)
 
-REPO = Path(__file__).resolve().parents[1]
+
+class RunInterrupted(RunError):
+    """SIGINT/SIGTERM: the run stopped at a step boundary after writing its checkpoint."""
 
 
-class RunError(RuntimeError):
-    """A run folder or training problem the user must act on; the message is one line."""
+class NonFiniteError(RunError):
+    """A non-finite loss or gradient under --train.on_nonfinite stop."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,14 +116,6 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--train.device cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def predict(model: BertForGlue, enc: utils_glue.Encoded, batch_size: int, pad_to: int | None,
             device: torch.device) -> np.ndarray:
@@ -144,81 +143,7 @@ def evaluate(model: BertForGlue, data: TaskData, cfg: RunConfig, device: torch.d
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folder: config, command, logs, best checkpoint
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # readers never see half a file
-
-
-def run_folder(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_root) / cfg.data.task / (cfg.train.run_name or run_name(cfg))
-
-
-def check_run_folder(path: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished run unless asked; an unfinished one is started again."""
-    if (path / "result.json").exists() and not overwrite:
-        raise RunError(f"{path} already holds a finished run (pass --train.overwrite to replace it)")
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise RunError(f"cannot write under {probe}")
-
-
-class RunDir:
-    """Everything a run writes: run_config.json, command.txt, git_sha.txt, metrics.jsonl, tb/, best.json, result.json,
-    and the student (HF format: config.json, model.safetensors, tokenizer files)."""
-
-    def __init__(self, path: Path, cfg: RunConfig, command: list[str]):
-        if path.exists():
-            shutil.rmtree(path)  # an unfinished or overwritten run: start clean so no stale file survives
-        path.mkdir(parents=True)
-        self.path = path
-        _write_json(path / "run_config.json", cfg.to_dict())
-        (path / "command.txt").write_text(" ".join(command) + "\n")
-        (path / "git_sha.txt").write_text(_git_sha() + "\n")
-        self._jsonl = open(path / "metrics.jsonl", "a")
-        self._tb = None
-        if cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(path / "tb"))
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
-
-    def save_model(self, model: BertForGlue, tokenizer, extra_config: dict) -> None:
-        tmp = self.path / ".saving"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_bert(model, tmp, extra_config)
-        tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            os.replace(f, self.path / f.name)
-        tmp.rmdir()
-
-    def write(self, name: str, obj) -> None:
-        _write_json(self.path / name, obj)
-
-    def close(self) -> None:
-        self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-
+# Run folder helpers
 
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
@@ -265,9 +190,7 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     t = cfg.teacher
     optim = OptimConfig(optimizer="adamw", lr=t.lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay)
     opt = make_optimizer(model, optim)
-    total = math.ceil(t.epochs * steps_per_epoch(len(data.train), cfg.train.batch_size))
-    if cfg.train.max_steps:  # smoke runs cap the teacher too
-        total = min(total, cfg.train.max_steps)
+    total = t.max_steps or math.ceil(t.epochs * steps_per_epoch(len(data.train), cfg.train.batch_size))
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -277,7 +200,7 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     ctx_args = dict(regression=data.task.is_regression, layer_map=[])
     start = time.time()
     for step in tqdm(range(total), desc=f"teacher {data.task.name}", dynamic_ncols=True):
-        b = next(batches).to(device)
+        b = next(batches)[0][0].to(device)  # one process, no accumulation: one micro-batch with share 1
         out = model(b.input_ids, b.token_type_ids, b.attention_mask)
         loss = label_loss(out, None, LossContext(b.attention_mask, b.labels, **ctx_args))
         for g in opt.param_groups:
@@ -295,9 +218,9 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     log.close()
     save_bert(model, tmp, _student_extra_config(dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, enabled=False)), data.task))
     tokenizer.save_pretrained(str(tmp))
-    _write_json(tmp / "finetune.json", {"task": data.task.name, "base_model": str(cfg.model.base_dir), "steps": total,
+    write_json(tmp / "finetune.json", {"task": data.task.name, "base_model": str(cfg.model.base_dir), "steps": total,
                                         "dev": metrics, "wall_s": round(time.time() - start, 1),
-                                        "teacher": dataclasses.asdict(t), "command": command, "git_sha": _git_sha()})
+                                        "teacher": dataclasses.asdict(t), "command": command, "git_sha": git_sha()})
     if target.exists():  # empty (checked above)
         target.rmdir()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -314,17 +237,60 @@ def load_student_init(cfg: RunConfig, num_labels: int) -> BertForGlue:
     return load_bert(cfg.model.student_init_dir or cfg.model.teacher_dir, num_labels=num_labels)
 
 
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary, after a checkpoint. A second
+    Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, writing a checkpoint first")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     """KD-QAT: FP teacher (eval, no grad) + fake-quantized student (train) -> distill_loss -> optimizer.
-    Dev evaluation every eval_every steps and at the last step; the best student is kept. Returns result.json."""
+
+    Dev evaluation every eval_every steps and at the last step; the best student is kept; a checkpoint
+    (model, optimizer, step, RNG, best) at every evaluation lets a rerun of the same command resume
+    exactly. Under torchrun each rank takes its share of every global batch (DDP); rank 0 logs,
+    evaluates and saves. Returns the contents of result.json (on rank 0).
+    """
     command = command or [sys.executable, *sys.argv]
+    t0 = time.time()
     cfg = resolve(cfg)
-    device = pick_device(cfg.train.device)
+    dist = distributed.setup(cfg.train.device)
+    device = dist.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     path = run_folder(cfg)
-    check_run_folder(path, cfg.train.overwrite)
+    state = load_checkpoint(path) if check_run_folder(path, cfg) else None
     if not has_checkpoint(cfg.model.teacher_dir):
+        if dist.world > 1:
+            raise RunError(f"no teacher in {cfg.model.teacher_dir}: make it first with one process (the same command without torchrun)")
         print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
         finetune_teacher(cfg, command)
     tokenizer = load_tokenizer(cfg.model.teacher_dir)
@@ -332,64 +298,130 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     teacher = load_bert(cfg.model.teacher_dir, num_labels=data.task.num_labels).to(device).eval().requires_grad_(False)
     student = quantize_model(load_student_init(cfg, data.task.num_labels), cfg.quant).to(device).train()
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch(len(data.train), cfg.train.batch_size))
+    start = state["step"] if state else 0
 
-    run = RunDir(path, cfg, command)
-    print(f"run folder: {path}  ({total} steps, device {device})")
-    teacher_metrics = evaluate(teacher, data, cfg, device)
-    run.write("teacher_eval.json", {"teacher_dir": str(cfg.model.teacher_dir), "dev": teacher_metrics})
-    run.log(0, {f"teacher/{k}": v for k, v in teacher_metrics.items()})
-    print(_log_line(0, {f"teacher {k}": v for k, v in teacher_metrics.items()}))
+    run = RunDir(path, cfg, command, resume_step=start if state else None) if dist.is_main else None
+    if state:
+        teacher_metrics = state["teacher"]
+        student.load_state_dict(state["model"])
+    elif dist.is_main:
+        teacher_metrics = evaluate(teacher, data, cfg, device)
+        run.write("teacher_eval.json", {"teacher_dir": str(cfg.model.teacher_dir), "dev": teacher_metrics})
+        run.log(0, {f"teacher/{k}": v for k, v in teacher_metrics.items()})
+        print(_log_line(0, {f"teacher {k}": v for k, v in teacher_metrics.items()}))
+    if dist.is_main:
+        print(f"run folder: {path}  ({total} steps{f', resuming after step {start}' if state else ''}, "
+              f"device {device}, {dist.world} process(es))")
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed + dist.rank)  # dropout masks differ across ranks
+    model = student
+    if dist.world > 1:  # parameters unused without a logits term (e.g. the head under attention-only losses)
+        unused = cfg.loss.logits_kd_weight == 0 and cfg.loss.label_loss_weight == 0
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=unused)
     opt = make_optimizer(student, cfg.optim)
+    best = state["best"] if state else None
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"][dist.rank], device)
     keep = required_tensors(cfg.loss)
     layer_map = identity_layer_map(student.shape.num_layers)
     pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
-    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to)
+    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to, start, dist.rank, dist.world,
+                            cfg.train.micro_batch_size)
     select = data.task.select_metric
-    best: dict | None = None
-    start = last = time.time()
-    bar = tqdm(range(total), desc=f"kd-qat {data.task.name}", dynamic_ncols=True)
-    for step in bar:
-        b = next(batches).to(device)
-        with torch.no_grad():
-            t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
-        s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
-        ctx = LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map,
-                          cfg.loss.temperature, cfg.loss.padding_invariant)
-        loss, terms = distill_loss(s_out, t_out, ctx, cfg.loss)
-        lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    term_names = ["total", *active_terms(cfg.loss)]
+    skipped = 0
+    last = time.time()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"kd-qat {data.task.name}", dynamic_ncols=True,
+               disable=not dist.is_main)
+    with StopRequest() as stop:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            logged = torch.zeros(len(term_names), device=device)  # this rank's share of the batch-mean loss terms
+            micro = next(batches)
+            for k, (batch, share) in enumerate(micro):
+                b = batch.to(device)
+                with torch.no_grad():
+                    t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
+                no_sync = model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+                with no_sync:
+                    s_out = model(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
+                    ctx = LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map,
+                                      cfg.loss.temperature, cfg.loss.padding_invariant)
+                    loss, terms = distill_loss(s_out, t_out, ctx, cfg.loss)
+                    # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
+                    # is exactly the gradient of the global batch mean
+                    (loss * share * dist.world).backward()
+                logged += share * torch.stack([loss, *terms.values()]).detach()
+            lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
+            flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
+                                                     torch.tensor(float(stop.requested), device=device)]))
+            finite, stop_now = flags[0].item() == dist.world, flags[1].item() > 0
+            if finite:
+                opt.step()
+            elif cfg.train.on_nonfinite == "skip":
+                skipped += 1
+            else:
+                raise NonFiniteError(_dump_nonfinite(path, step, term_names, logged, micro, student, dist))
 
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
-            values = {"loss/total": loss.item(), **{f"loss/{k}": v.item() for k, v in terms.items()}, "lr": lr}
-            if not math.isfinite(values["loss/total"]):
-                raise RunError(f"non-finite loss at step {step + 1}: {values}")
-            now = time.time()
-            values["ms_per_step"] = 1000 * (now - last) / ((step + 1) % cfg.train.log_every or cfg.train.log_every)
-            last = now
-            run.log(step + 1, values)
-            bar.set_postfix(loss=f"{values['loss/total']:.4f}")
-        if (step + 1) % cfg.train.eval_every == 0 or step + 1 == total:
-            metrics = evaluate(student, data, cfg, device)
-            run.log(step + 1, {f"eval/{k}": v for k, v in metrics.items()})
-            tqdm.write(_log_line(step + 1, metrics))
-            if best is None or metrics[select] > best["metrics"][select]:
-                best = {"step": step + 1, "metrics": metrics, "select_metric": select}
-                run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
-                run.write("best.json", best)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == total:
+                dist.all_reduce_sum(logged)
+                if dist.is_main:
+                    now = time.time()
+                    values = {f"loss/{n}": v for n, v in zip(term_names, logged.tolist())}
+                    values |= {"lr": lr, "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped,
+                               "ms_per_step": 1000 * (now - last) / (done % cfg.train.log_every or cfg.train.log_every)}
+                    last = now
+                    run.log(done, values)
+                    bar.set_postfix(loss=f"{values['loss/total']:.4f}")
+            is_eval = done % cfg.train.eval_every == 0 or done == total
+            if is_eval and dist.is_main:
+                metrics = evaluate(student, data, cfg, device)
+                run.log(done, {f"eval/{k}": v for k, v in metrics.items()})
+                tqdm.write(_log_line(done, metrics))
+                if best is None or metrics[select] > best["metrics"][select]:
+                    best = {"step": done, "metrics": metrics, "select_metric": select}
+                    run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
+                    run.write("best.json", best)
+            if (is_eval or stop_now) and done < total:
+                rng = dist.gather(_rng_state(device))
+                if dist.is_main:
+                    save_checkpoint(path, {"step": done, "model": student.state_dict(), "optimizer": opt.state_dict(),
+                                           "rng": rng, "best": best, "teacher": teacher_metrics})
+            if stop_now and done < total:
+                dist.close()
+                raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {path} "
+                                     "(run the same command again to resume)")
 
-    result = {"run": str(path), "task": data.task.name, "steps": total, "teacher": teacher_metrics, "best": best,
-              "final": metrics, "wall_s": round(time.time() - start, 1)}
-    run.write("result.json", result)
-    run.close()
-    print(f"best dev {select} {best['metrics'][select]:.4f} at step {best['step']} (teacher {teacher_metrics[select]:.4f}); "
-          f"student saved in {path}")
+    result = None
+    if dist.is_main:
+        result = {"run": str(path), "task": data.task.name, "steps": total, "teacher": teacher_metrics, "best": best,
+                  "final": metrics, "skipped_nonfinite": skipped, "wall_s": round(time.time() - t0, 1)}
+        run.write("result.json", result)
+        run.close()
+        if not cfg.train.keep_checkpoint:
+            (path / CHECKPOINT).unlink(missing_ok=True)
+        print(f"best dev {select} {best['metrics'][select]:.4f} at step {best['step']} "
+              f"(teacher {teacher_metrics[select]:.4f}); student saved in {path}")
+    dist.close()
     return result
+
+
+def _dump_nonfinite(path: Path, step: int, names: list[str], logged: torch.Tensor, micro, student: BertForGlue,
+                    dist: distributed.Dist) -> str:
+    """Save the batch, the loss terms and the weights before the bad step; return the message for the user."""
+    terms = dict(zip(names, logged.tolist()))
+    where = path / f"nonfinite_step{step + 1}.pt"
+    if dist.is_main:
+        torch.save({"step": step + 1, "terms": terms, "batches": [dataclasses.asdict(b) for b, _ in micro],
+                    "model": student.state_dict()}, where)
+    return (f"non-finite loss or gradient at step {step + 1} (loss terms {terms}); batch and weights saved to {where}; "
+            "--train.on_nonfinite skip skips such batches")
 
 
 def load_run(path: str | Path) -> tuple[BertForGlue, RunConfig]:
