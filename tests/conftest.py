@@ -1,5 +1,4 @@
 """Shared fixtures: a tiny BERT base model with a tiny WordPiece vocabulary, miniature GLUE tasks, paths."""
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,8 @@ def make_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # `vocab=` (a path): transformers 5 silently ignores `vocab_file=` here and keeps only the special tokens
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(str(folder))
     return tok
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from transformer.config import (ConfigError, DataConfig, LossConfig, QuantConfig, RunConfig, TrainConfig,
+from transformer.config import (MAX_NAME, ConfigError, DataConfig, LossConfig, QuantConfig, RunConfig, TrainConfig,
                                 build_parser, parse_config, resolve, run_name, to_argv)
 
 
@@ -84,4 +84,4 @@ def test_long_names_stay_unique_and_short():
                        quant=QuantConfig(ffn1=False, ffn2=False, pooler=False, qkv=False, attn_acts=False))
     long_b = dataclasses.replace(long_a, loss=dataclasses.replace(long_a.loss, context_mse_weight=0.2))
     a, b = run_name(long_a), run_name(long_b)
-    assert len(a) <= 200 and a != b and a.endswith("-s42")
+    assert len(a) <= MAX_NAME + len("-s42") < 255 and a != b and a.endswith("-s42")

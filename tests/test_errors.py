@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import quant_task_glue
-from tests.conftest import REPO, make_base_model, tiny_flags, write_mini_glue
+from tests.conftest import REPO, tiny_flags, write_mini_glue
 
 
 def readme_rows() -> dict[str, str]:

@@ -1,6 +1,5 @@
 """Tests for utils_glue: GLUE TSV reading, errors, tokenisation, metrics, custom tasks, HF conversion, CLI."""
 import json
-import math
 import subprocess
 import sys
 import time

@@ -143,7 +143,7 @@ def evaluate(model: BertForGlue, data: TaskData, cfg: RunConfig, device: torch.d
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folder helpers
+# Tokenizer and saved-student helpers
 
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
