@@ -124,3 +124,20 @@ def test_a_teacher_folder_with_other_files_is_never_replaced(tmp_path, tiny_base
     rc, _ = _run(tmp_path, tiny_base, glue_dir)
     assert rc == 2 and "holds files but no model checkpoint" in capsys.readouterr().err
     assert (tmp_path / "teacher" / "notes.txt").read_text() == "mine"
+
+
+def test_custom_tsv_task_trains_without_code_changes(tmp_path, tiny_base, glue_dir):
+    """A KLUE/NSMC-style task: named columns in a TSV with a header, described by a JSON file."""
+    folder = tmp_path / "glue" / "nsmc"
+    folder.mkdir(parents=True)
+    rows = ["id\tdocument\tlabel"] + [f"{i}\t{'good movie' if i % 2 else 'bad plot'} {i}\t{i % 2}" for i in range(24)]
+    for split in ("train", "dev"):
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    spec = tmp_path / "nsmc.json"
+    spec.write_text(json.dumps({"name": "nsmc", "text_a": "document", "text_b": None, "label": "label",
+                                "labels": ["0", "1"], "metric": "accuracy"}))
+    flags = tiny_flags(tmp_path, tiny_base, tmp_path / "glue")
+    assert quant_task_glue.main(["--data.task", "nsmc", "--data.custom_task", str(spec), *flags]) == 0
+    (run,) = (tmp_path / "out" / "nsmc").iterdir()
+    result = json.loads((run / "result.json").read_text())
+    assert result["task"] == "nsmc" and "acc" in result["final"]
