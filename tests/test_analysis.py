@@ -4,7 +4,6 @@ mismatch errors, the CLI and the three notebooks run headless."""
 import json
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -113,7 +112,7 @@ def test_each_sample_is_masked_by_its_own_length():
     torch.testing.assert_close(A.attn_distance(p_t_pad, valid)[1:], A.attn_distance(p_t[1:, :, :4, :4], valid[1:, :4]))
 
 
-def test_ranking_loss_matches_a_loop_and_is_fast():
+def test_ranking_loss_matches_a_loop():
     p_t, valid = _maps(B=2, H=2, S=5, lengths=(5, 3))
     p_s, _ = _maps(B=2, H=2, S=5, lengths=(5, 3), seed=2)
     ref = torch.zeros(2, 2)
@@ -127,13 +126,7 @@ def test_ranking_loss_matches_a_loop_and_is_fast():
                         ref[b, h] += d.clamp_min(0)
     torch.testing.assert_close(A.attn_ranking_loss(p_t, p_s, valid), ref)
     torch.testing.assert_close(A.attn_ranking_loss(p_t, p_s, valid, max_elements=50), ref)  # one row per chunk
-    # a 12-head, 128-token pair for 12 layers: seconds (a loop over token pairs takes minutes)
-    p_t, valid = _maps(B=1, H=12, S=128, lengths=(128,))
-    p_s, _ = _maps(B=1, H=12, S=128, lengths=(128,), seed=1)
-    start = time.time()
-    for _ in range(12):
-        A.attn_ranking_loss(p_t, p_s, valid)
-    assert time.time() - start < 30
+    # its speed on a 12-layer, 12-head, 128-token pair is measured by bench/bench_ranking_loss.py
 
 
 # ---------------------------------------------------------------------------------------------
