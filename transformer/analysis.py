@@ -28,12 +28,12 @@ from torch import Tensor
 import utils_glue
 from transformer.config import DataConfig, RunConfig, resolve
 from transformer.data import Batch, collate, eval_batches, load_task_data
+from transformer.losses import row_kl
 from transformer.model import BertForGlue, EncoderOutput, load_bert, read_shape
 from transformer.quant import QuantLinear
 from transformer.rundir import REPO
 from transformer.train import load_run, load_tokenizer
 
-PROB_FLOOR = 1e-8                     # probabilities clamped here inside logs (as the attn_map loss, SPEC §4)
 TOKEN_CLASSES = ("[CLS]", "[SEP]", "punctuation", "other")
 TEACHER = "teacher"                   # the teacher's key in every {model label: result} dict
 
@@ -150,10 +150,9 @@ def _lengths(valid: Tensor) -> Tensor:
 
 
 def attn_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
-    """KL(T‖S) of attention probabilities: (1/s) Σ_{r,c<s} p_T (log p_T − log p_S), per sample and head -> (B, H)."""
-    kl = p_t * (p_t.clamp_min(PROB_FLOOR).log() - p_s.clamp_min(PROB_FLOOR).log())   # (B, H, S, S)
-    keys = valid[:, None, None, :]
-    return (kl.masked_fill(~keys, 0).sum(-1) * _rows(valid)).sum(-1) / _lengths(valid)
+    """KL(T‖S) of attention probabilities: (1/s) Σ_{r,c<s} p_T (log p_T − log p_S), per sample and head -> (B, H),
+    the same quantity the attn_map loss averages."""
+    return row_kl(p_t, p_s, valid)
 
 
 def attn_ranking_loss(p_t: Tensor, p_s: Tensor, valid: Tensor, max_elements: int = 1 << 24) -> Tensor:

@@ -97,11 +97,17 @@ def attn_score_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tens
     return total
 
 
-def _masked_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
-    """mean_{b,h} (1/s_b) Σ_{i,j<s_b} p_T (log p_T − log p_S) over each sample's valid s_b×s_b block."""
+def row_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
+    """(1/s_b) Σ_{i,j<s_b} p_T (log p_T − log p_S) over each sample's valid s_b×s_b block: (B, H, S, S) -> (B, H).
+    Shared by the attn_map loss and the attention-map analysis."""
     kl = p_t * (p_t.clamp_min(PROB_FLOOR).log() - p_s.clamp_min(PROB_FLOOR).log())  # (B, H, S, S)
     per_sample = (kl * _pair_mask(valid)).sum(dim=(-1, -2))                          # (B, H)
-    return (per_sample / valid.sum(-1, keepdim=True).to(kl.dtype)).mean()
+    return per_sample / valid.sum(-1, keepdim=True).to(kl.dtype)
+
+
+def _masked_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
+    """mean_{b,h} of row_kl."""
+    return row_kl(p_t, p_s, valid).mean()
 
 
 def attn_prob_kl(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
