@@ -197,12 +197,11 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     log = open(tmp / "finetune_log.jsonl", "w")
     pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
     batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to)
-    ctx_args = dict(regression=data.task.is_regression, layer_map=[])
     start = time.time()
     for step in tqdm(range(total), desc=f"teacher {data.task.name}", dynamic_ncols=True):
         b = next(batches)[0][0].to(device)  # one process, no accumulation: one micro-batch with share 1
         out = model(b.input_ids, b.token_type_ids, b.attention_mask)
-        loss = label_loss(out, None, LossContext(b.attention_mask, b.labels, **ctx_args))
+        loss = label_loss(out, None, LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map=[]))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, optim.lr, optim.warmup_ratio)
         opt.zero_grad(set_to_none=True)
@@ -335,69 +334,73 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     last = time.time()
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"kd-qat {data.task.name}", dynamic_ncols=True,
                disable=not dist.is_main)
-    with StopRequest() as stop:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
-            logged = torch.zeros(len(term_names), device=device)  # this rank's share of the batch-mean loss terms
-            micro = next(batches)
-            for k, (batch, share) in enumerate(micro):
-                b = batch.to(device)
-                with torch.no_grad():
-                    t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
-                no_sync = model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-                with no_sync:
-                    s_out = model(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
-                    ctx = LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map,
-                                      cfg.loss.temperature, cfg.loss.padding_invariant)
-                    loss, terms = distill_loss(s_out, t_out, ctx, cfg.loss)
-                    # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
-                    # is exactly the gradient of the global batch mean
-                    (loss * share * dist.world).backward()
-                logged += share * torch.stack([loss, *terms.values()]).detach()
-            lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
-            flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
-                                                     torch.tensor(float(stop.requested), device=device)]))
-            finite, stop_now = flags[0].item() == dist.world, flags[1].item() > 0
-            if finite:
-                opt.step()
-            elif cfg.train.on_nonfinite == "skip":
-                skipped += 1
-            else:
-                raise NonFiniteError(_dump_nonfinite(path, step, term_names, logged, micro, student, dist))
+    try:
+        with StopRequest() as stop:
+            for step in bar:
+                opt.zero_grad(set_to_none=True)
+                logged = torch.zeros(len(term_names), device=device)  # this rank's share of the batch-mean loss terms
+                micro = next(batches)
+                for k, (batch, share) in enumerate(micro):
+                    b = batch.to(device)
+                    with torch.no_grad():
+                        t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
+                    no_sync = model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+                    with no_sync:
+                        s_out = model(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
+                        ctx = LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map,
+                                          cfg.loss.temperature, cfg.loss.padding_invariant)
+                        loss, terms = distill_loss(s_out, t_out, ctx, cfg.loss)
+                        # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
+                        # is exactly the gradient of the global batch mean
+                        (loss * share * dist.world).backward()
+                    logged += share * torch.stack([loss, *terms.values()]).detach()
+                lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
+                flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
+                                                         torch.tensor(float(stop.requested), device=device)]))
+                finite, stop_now = flags[0].item() == dist.world, flags[1].item() > 0
+                if finite:
+                    opt.step()
+                elif cfg.train.on_nonfinite == "skip":
+                    skipped += 1
+                else:
+                    raise NonFiniteError(_dump_nonfinite(path, step, term_names, logged, micro, student, dist))
 
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == total:
-                dist.all_reduce_sum(logged)
-                if dist.is_main:
-                    now = time.time()
-                    values = {f"loss/{n}": v for n, v in zip(term_names, logged.tolist())}
-                    values |= {"lr": lr, "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped,
-                               "ms_per_step": 1000 * (now - last) / (done % cfg.train.log_every or cfg.train.log_every)}
-                    last = now
-                    run.log(done, values)
-                    bar.set_postfix(loss=f"{values['loss/total']:.4f}")
-            is_eval = done % cfg.train.eval_every == 0 or done == total
-            if is_eval and dist.is_main:
-                metrics = evaluate(student, data, cfg, device)
-                run.log(done, {f"eval/{k}": v for k, v in metrics.items()})
-                tqdm.write(_log_line(done, metrics))
-                if best is None or metrics[select] > best["metrics"][select]:
-                    best = {"step": done, "metrics": metrics, "select_metric": select}
-                    run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
-                    run.write("best.json", best)
-            if (is_eval or stop_now) and done < total:
-                rng = dist.gather(_rng_state(device))
-                if dist.is_main:
-                    save_checkpoint(path, {"step": done, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                                           "rng": rng, "best": best, "teacher": teacher_metrics})
-            if stop_now and done < total:
-                dist.close()
-                raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {path} "
-                                     "(run the same command again to resume)")
-
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == total:
+                    dist.all_reduce_sum(logged)
+                    if dist.is_main:
+                        now = time.time()
+                        values = {f"loss/{n}": v for n, v in zip(term_names, logged.tolist())}
+                        values |= {"lr": lr, "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped,
+                                   "ms_per_step": 1000 * (now - last) / (done % cfg.train.log_every or cfg.train.log_every)}
+                        last = now
+                        run.log(done, values)
+                        bar.set_postfix(loss=f"{values['loss/total']:.4f}")
+                is_eval = done % cfg.train.eval_every == 0 or done == total
+                if is_eval and dist.is_main:
+                    metrics = evaluate(student, data, cfg, device)
+                    run.log(done, {f"eval/{k}": v for k, v in metrics.items()})
+                    tqdm.write(_log_line(done, metrics))
+                    if best is None or metrics[select] > best["metrics"][select]:
+                        best = {"step": done, "metrics": metrics, "select_metric": select}
+                        run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
+                        run.write("best.json", best)
+                if (is_eval or stop_now) and done < total:
+                    rng = dist.gather(_rng_state(device))
+                    if dist.is_main:
+                        save_checkpoint(path, {"step": done, "model": student.state_dict(), "optimizer": opt.state_dict(),
+                                               "rng": rng, "best": best, "teacher": teacher_metrics})
+                if stop_now and done < total:
+                    raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {path} "
+                                         "(run the same command again to resume)")
+    except RunError:  # interrupted or non-finite: close the logs and the process group before reporting
+        if run is not None:
+            run.close()
+        dist.close()
+        raise
     result = None
     if dist.is_main:
         result = {"run": str(path), "task": data.task.name, "steps": total, "teacher": teacher_metrics, "best": best,
