@@ -148,6 +148,18 @@ def s_task_given_twice(env):
     return ["sts-b", *_flags(env), "--data.task", "rte"]
 
 
+def s_ti_step2_first(env):
+    return ["sts-b", *_flags(env, **{"--train.max_steps": "4"}), "--ti.mode", "gradual", "--ti.steps", "2", "--ti.step", "2"]
+
+
+def s_ti_step2_without_mode(env):
+    return ["sts-b", *_flags(env), "--ti.step", "2"]
+
+
+def s_ti_step1_too_long(env):
+    return ["sts-b", *_flags(env), "--model.teacher_dir", str(_teacher(env)), "--ti.mode", "gradual", "--ti.steps", "2"]
+
+
 SCENARIOS = {
     "unknown task": s_unknown_task,
     "missing data folder": s_missing_data_folder,
@@ -168,6 +180,9 @@ SCENARIOS = {
     "non-positive LR, steps or sizes": s_non_positive_value,
     "unknown key in a --config file": s_unknown_config_key,
     "task given twice": s_task_given_twice,
+    "TI step 2 before its step 1": s_ti_step2_first,
+    "TI step 2 without a step-1 mode": s_ti_step2_without_mode,
+    "TI step 1 as long as the whole budget": s_ti_step1_too_long,
 }
 
 

@@ -35,10 +35,14 @@ def test_recipe_launchers(tmp_path, tiny_base, glue_dir, script, terms):
     assert (run / "model.safetensors").exists() and json.loads((run / "best.json").read_text())["step"] >= 1
 
 
-def test_default_task_is_sts_b(tmp_path, tiny_base, glue_dir):
-    r = launch("run_kd_qat_map.sh", *tiny_flags(tmp_path, tiny_base, glue_dir), "--dry-run")
+@pytest.mark.parametrize("script,ti", [("run_kd_qat_map.sh", {"mode": "off", "step": 1, "steps": 60}),
+                                       ("run_TI_step_1.sh", {"mode": "gradual", "step": 1, "steps": 60}),
+                                       ("run_TI_step_2.sh", {"mode": "gradual", "step": 2, "steps": 60})])
+def test_default_task_is_sts_b(tmp_path, tiny_base, glue_dir, script, ti):
+    r = launch(script, *tiny_flags(tmp_path, tiny_base, glue_dir), "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["config"]["data"]["task"] == "sts-b"
+    config = json.loads(r.stdout)["config"]
+    assert config["data"]["task"] == "sts-b" and config["ti"] == ti
 
 
 def test_exploration_launcher_sets_both_coefficients_and_seed(tmp_path, tiny_base, glue_dir):
@@ -63,7 +67,26 @@ def test_sweep_launcher_gives_each_run_its_own_folder(tmp_path, tiny_base, glue_
     assert sum("attn_prob_kl=0.5" in n for n in names) == 2 and sum(n.endswith("-s52") for n in names) == 2
 
 
+def test_ti_launchers_step_1_then_step_2(tmp_path, tiny_base, glue_dir):
+    flags = [*tiny_flags(tmp_path, tiny_base, glue_dir, steps=4), "--ti.steps", "2", "--train.log_every", "1"]
+    r = launch("run_TI_step_1.sh", "rte", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (step1,) = finished_runs(tmp_path / "out")
+    cfg = json.loads((step1 / "run_config.json").read_text())
+    assert cfg["ti"] == {"mode": "gradual", "step": 1, "steps": 2} and cfg["loss"]["attn_output_mse_weight"] == 1.0
+    assert (step1 / "last" / "model.safetensors").exists()
+    r = launch("run_TI_step_2.sh", "rte", "gradual", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (step2,) = set(finished_runs(tmp_path / "out")) - {step1}
+    result = json.loads((step2 / "result.json").read_text())
+    assert result["steps"] == 2 and result["ti"] == {"mode": "gradual", "step": 2, "steps_before": 2, "step1_run": str(step1)}
+    # another step-1 option has no step-1 run yet: a clear error
+    r = launch("run_TI_step_2.sh", "rte", "inverted", *flags)
+    assert r.returncode == 2 and "run_TI_step_1.sh rte --ti.mode inverted" in r.stderr
+
+
 @pytest.mark.parametrize("script,args", [("run_kd_qat_exploration.sh", []), ("run_mixing_param_sweep.sh", []),
+                                         ("run_TI_step_2.sh", ["sts-b", "gradually"]),
                                          ("run_kd_qat_map.sh", ["-x"]), ("run_kd_qat_output.sh", ["rte", "extra"])])
 def test_bad_arguments_print_usage(script, args):
     r = launch(script, *args)

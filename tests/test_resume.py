@@ -93,17 +93,23 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, 
     assert steps == list(range(1, 401))  # every step logged once: nothing lost, nothing repeated
 
 
+TI_STEP1 = ("--loss.attn_output_mse_weight", "1", "--ti.mode", "stochastic", "--ti.steps", "5")
+
+
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path, tiny_base_no_dropout, glue_dir):
+@pytest.mark.parametrize("extra,steps", [((), 6), (TI_STEP1, 5)], ids=["kd-qat", "ti-step1"])
+def test_two_gloo_processes_equal_one_process(tmp_path, tiny_base_no_dropout, glue_dir, extra, steps):
+    # TI: every rank draws the same stochastic mode; parameters the intervention bypasses get no gradient
     _make_teacher(tmp_path, tiny_base_no_dropout, glue_dir)
-    one = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, "one", 6, *EXACT), capture_output=True, text=True)
+    one = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, "one", 6, *EXACT, *extra), capture_output=True,
+                         text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, "two", 6, *EXACT), capture_output=True,
+    two = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, "two", 6, *EXACT, *extra), capture_output=True,
                          text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(_only_run(tmp_path / "one")), _losses(_only_run(tmp_path / "two"))
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
     for (_, x), (_, y) in zip(a, b):
         assert y == pytest.approx(x, rel=1e-5)
     wa = load_file(str(_only_run(tmp_path / "one") / "model.safetensors"))

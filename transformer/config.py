@@ -38,11 +38,12 @@ class TaskDefaults:
     batch_size: int
     max_seq_len: int
     eval_every: int
+    ti_steps: int = 60  # Teacher Intervention step-1 length N1 (SPEC §6: 60; CoLA 120)
 
 
 # SPEC §5: batch 32 (CoLA 16); max length 128 (CoLA, SST-2: 64); dev eval interval per task.
 TASK_DEFAULTS = {
-    "cola": TaskDefaults(16, 64, 50),
+    "cola": TaskDefaults(16, 64, 50, ti_steps=120),
     "sst-2": TaskDefaults(32, 64, 100),
     "mrpc": TaskDefaults(32, 128, 50),
     "sts-b": TaskDefaults(32, 128, 100),
@@ -205,6 +206,27 @@ class TrainConfig:
             raise ConfigError(f"--train.epochs must be > 0, got {self.epochs}")
 
 
+TIMode = Literal["off", "gradual", "inverted", "stochastic", "map", "context", "output"]
+TI_SCHEDULES = typing.get_args(TIMode)[1:]  # every --ti.mode but off (schedules: transformer/intervention.py)
+
+
+@dataclass
+class TIConfig:
+    """Teacher Intervention (SPEC §6): step 1 trains with the teacher's tensors inside the student, step 2 without."""
+    mode: TIMode = field(default="off", metadata=_help(
+        "step-1 schedule: gradual (TI-G: output, context, then map), inverted, stochastic, or one mode throughout; off = no TI"))
+    step: Literal[1, 2] = field(default=1, metadata=_help(
+        "1: intervention on for ti.steps steps; 2: continue the step-1 student of ti.mode without intervention "
+        "for the rest of the budget (epochs or train.max_steps)"))
+    steps: int | None = field(default=None, metadata=_help("step-1 length N1 in optimizer steps; default per task (60; CoLA 120)"))
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"--ti.steps must be > 0, got {self.steps}")
+        if self.step == 2 and self.mode == "off":
+            raise ConfigError("--ti.step 2 needs --ti.mode: the step-1 schedule whose student it continues")
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +236,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ti: TIConfig = field(default_factory=TIConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,7 +276,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     train = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size or td.batch_size,
                                 eval_every=cfg.train.eval_every or td.eval_every)
     model = dataclasses.replace(cfg.model, teacher_dir=cfg.model.teacher_dir or os.path.join("models", task))
-    return dataclasses.replace(cfg, data=data, train=train, model=model)
+    ti = dataclasses.replace(cfg.ti, steps=cfg.ti.steps or td.ti_steps)
+    return dataclasses.replace(cfg, data=data, train=train, model=model, ti=ti)
 
 
 # Fields that say where things are or how a run is watched, not what it computes: they may change
@@ -300,8 +324,8 @@ def run_name(cfg: RunConfig) -> str:
             if key in _NOT_IN_NAME or getattr(a, f.name) == getattr(b, f.name):
                 continue
             name = f.name[: -len("_weight")] if f.name.endswith("_weight") else f.name
-            if section.name == "teacher":
-                name = "teacher_" + name
+            if section.name in ("teacher", "ti"):
+                name = f"{section.name}_{name}"
             parts.append(f"{name}={_fmt(getattr(a, f.name), key)}")
     name = "-".join(parts)
     if len(name) > MAX_NAME:  # keep it unique: cut, then a hash of the full knob list

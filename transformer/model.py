@@ -99,6 +99,31 @@ class EncoderOutput:
         return [self.embeddings] + [layer.hidden for layer in self.layers]
 
 
+# Teacher Intervention modes (SPEC §6): which teacher tensor replaces the student's own in every layer.
+TI_TENSOR = {"map": "probs", "context": "context", "output": "sa_output"}
+
+
+@dataclass
+class Intervention:
+    """Teacher Intervention for one student forward (SPEC §6): in every layer l, the teacher's tensor of
+    `mode` (map: probs, context: per-head context, output: sa_output; see TI_TENSOR) from a teacher forward
+    on the same batch replaces the student's own downstream; the student's own tensors are still returned."""
+    mode: str
+    teacher: EncoderOutput
+
+    def tensor(self, layer: int, shape: tuple[int, ...]) -> Tensor:
+        """The teacher's replacement tensor for student layer `layer`; it must match the student's shape."""
+        name = TI_TENSOR[self.mode]
+        if layer >= len(self.teacher.layers) or getattr(self.teacher.layers[layer], name) is None:
+            raise ValueError(f"Teacher Intervention '{self.mode}' needs the teacher's {name!r} of layer {layer}: "
+                             f"run the teacher with keep ⊇ {{'{name}'}} on the same batch")
+        t = getattr(self.teacher.layers[layer], name)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"Teacher Intervention '{self.mode}': teacher {name} of layer {layer} has shape "
+                             f"{tuple(t.shape)}, the student's is {tuple(shape)} (not the same batch or architecture?)")
+        return t
+
+
 class ActSlot(nn.Module):
     """A point where the student's activations are fake-quantized; identity until `quantize_model` swaps it.
 
@@ -138,15 +163,23 @@ class SelfAttention(nn.Module):
         B, S, _ = x.shape
         return x.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, S, D) -> (B, H, S, d_h)
 
-    def forward(self, h: Tensor, add_mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Returns scores, probs (B, H, S, S), value and context (B, H, S, d_h)."""
+    def forward(self, h: Tensor, add_mask: Tensor, valid: Tensor, teacher_probs: Tensor | None = None,
+                stop_qk: bool = False, stop_v: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns scores, probs (B, H, S, S), value and context (B, H, S, d_h).
+
+        teacher_probs (MI): multiplied with V in place of the student's probs (after the student's dropout and
+        quantization); the returned scores/probs stay the student's. stop_qk / stop_v: no gradient flows into
+        the layer input through the Q, K / V projections (TI, SPEC §6).
+        """
         x = self.act_in(h, valid)  # one quantized input shared by Q, K and V (same tensor, same scale)
-        q = self._heads(self.act_q(self.query(x), valid))
-        k = self._heads(self.act_k(self.key(x), valid))
-        v = self._heads(self.act_v(self.value(x), valid))
+        x_qk = x.detach() if stop_qk else x
+        q = self._heads(self.act_q(self.query(x_qk), valid))
+        k = self._heads(self.act_k(self.key(x_qk), valid))
+        v = self._heads(self.act_v(self.value(x.detach() if stop_v else x), valid))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + add_mask  # (B, H, S, S)
         probs = scores.softmax(dim=-1)
-        context = self.act_probs(self.dropout(probs), valid) @ v  # (B, H, S, d_h)
+        mixing = probs if teacher_probs is None else teacher_probs
+        context = self.act_probs(self.dropout(mixing), valid) @ v  # (B, H, S, d_h)
         return scores, probs, v, context
 
 
@@ -189,13 +222,23 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(c)
         self.output = Output(c)
 
-    def forward(self, h: Tensor, add_mask: Tensor, valid: Tensor, keep: frozenset[str]) -> LayerOutput:
+    def forward(self, h: Tensor, add_mask: Tensor, valid: Tensor, keep: frozenset[str],
+                intervene: Intervention | None = None, index: int = 0) -> LayerOutput:
         B, S, D = h.shape
-        scores, probs, value, context = self.attention.self(h, add_mask, valid)
+        mode = intervene.mode if intervene is not None else None
+        t_probs = intervene.tensor(index, (B, self.attention.self.num_heads, S, S)) if mode == "map" else None
+        # SPEC §6: MI stops the gradient into h through Q and K; CI and OI through Q, K and V
+        scores, probs, value, context = self.attention.self(h, add_mask, valid, t_probs, stop_qk=mode is not None,
+                                                            stop_v=mode in ("context", "output"))
         so = self.attention.output
-        merged = context.transpose(1, 2).reshape(B, S, D)  # (B, H, S, d_h) -> (B, S, D)
-        sa_output = so.dense(so.act_in(merged, valid))
-        attn_output = so.LayerNorm(so.dropout(sa_output) + h)
+        mixed = context if mode != "context" else intervene.tensor(index, context.shape)
+        if mode == "output":  # the student's own dense result is computed only if a loss or analysis asks for it
+            sa_output = so.dense(so.act_in(context.transpose(1, 2).reshape(B, S, D), valid)) if "sa_output" in keep else None
+            downstream = intervene.tensor(index, (B, S, D))
+        else:
+            sa_output = so.dense(so.act_in(mixed.transpose(1, 2).reshape(B, S, D), valid))  # (B, H, S, d_h) -> (B, S, D)
+            downstream = sa_output
+        attn_output = so.LayerNorm(so.dropout(downstream) + h)
         inter = F.gelu(self.intermediate.dense(self.intermediate.act_in(attn_output, valid)))
         out = self.output.dense(self.output.act_in(inter, valid))
         hidden = self.output.LayerNorm(self.output.dropout(out) + attn_output)
@@ -236,17 +279,26 @@ class BertForGlue(nn.Module):
         self.classifier = nn.Linear(shape.hidden_size, shape.num_labels)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor,
-                keep: frozenset[str] = frozenset()) -> EncoderOutput:
-        """input_ids, token_type_ids: (B, S) int; attention_mask: (B, S) bool or 0/1, True = real token."""
+                keep: frozenset[str] = frozenset(), intervene: Intervention | None = None) -> EncoderOutput:
+        """input_ids, token_type_ids: (B, S) int; attention_mask: (B, S) bool or 0/1, True = real token.
+
+        intervene: Teacher Intervention (SPEC §6) with the teacher's outputs on this same batch; None = off.
+        """
         unknown = set(keep) - KEEPABLE
         if unknown:
             raise ValueError(f"cannot keep {sorted(unknown)}; choose from {sorted(KEEPABLE)}")
+        if intervene is not None:
+            if intervene.mode not in TI_TENSOR:
+                raise ValueError(f"unknown Teacher Intervention mode {intervene.mode!r}; choose from {sorted(TI_TENSOR)}")
+            if len(intervene.teacher.layers) != self.shape.num_layers:
+                raise ValueError(f"Teacher Intervention needs a teacher with the student's {self.shape.num_layers} layers, "
+                                 f"got {len(intervene.teacher.layers)} teacher layer outputs")
         valid = attention_mask.bool()
         h = self.bert.embeddings(input_ids, token_type_ids)
         add_mask = (~valid)[:, None, None, :].to(h.dtype) * MASK_VALUE  # (B, 1, 1, S)
         out = EncoderOutput(logits=h.new_empty(0), embeddings=h if "hidden" in keep else None)
-        for layer in self.bert.encoder.layer:
-            lo = layer(h, add_mask, valid, keep)
+        for i, layer in enumerate(self.bert.encoder.layer):
+            lo = layer(h, add_mask, valid, keep, intervene, i)
             h = lo.hidden
             if "hidden" not in keep:
                 lo.hidden = None

@@ -116,13 +116,16 @@ class RunDir:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
 
-    def save_model(self, model: BertForGlue, tokenizer, extra_config: dict) -> None:
+    def save_model(self, model: BertForGlue, tokenizer, extra_config: dict, subfolder: str = "") -> None:
+        """Save the student (HF format) into the run folder, or into <run>/<subfolder>."""
         tmp = self.path / ".saving"
         shutil.rmtree(tmp, ignore_errors=True)
         save_bert(model, tmp, extra_config)
         tokenizer.save_pretrained(str(tmp))
+        target = self.path / subfolder
+        target.mkdir(exist_ok=True)
         for f in tmp.iterdir():
-            os.replace(f, self.path / f.name)
+            os.replace(f, target / f.name)
         tmp.rmdir()
 
     def write(self, name: str, obj) -> None:

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 import utils_glue
 from transformer import distributed
-from transformer.config import OptimConfig, RunConfig, resolve
-from transformer.data import TaskData, eval_batches, load_task_data, steps_per_epoch, train_batches
+from transformer.config import ConfigError, OptimConfig, RunConfig, resolve
+from transformer.data import Batch, TaskData, eval_batches, load_task_data, steps_per_epoch, train_batches
 from transformer.distributed import pick_device
+from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
-from transformer.model import BertForGlue, CheckpointError, load_bert, save_bert
+from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
 from transformer.quant import quantize_model
 from transformer.rundir import (CHECKPOINT, RunDir, RunError, check_run_folder, git_sha, load_checkpoint, run_folder,
                                 save_checkpoint, write_json)
@@ -231,9 +232,58 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # KD-QAT
 
-def load_student_init(cfg: RunConfig, num_labels: int) -> BertForGlue:
-    """Student = a copy of the teacher's weights (SPEC §1), or model.student_init_dir if given."""
-    return load_bert(cfg.model.student_init_dir or cfg.model.teacher_dir, num_labels=num_labels)
+STEP1_STUDENT = "last"  # TI step 1 saves its latest evaluated student here; step 2 starts from it
+
+
+def step1_folder(cfg: RunConfig) -> Path:
+    """The TI step-1 run a step-2 config continues: the same config with ti.step 1, found by its default name."""
+    cfg = resolve(cfg)
+    return run_folder(dataclasses.replace(cfg, ti=dataclasses.replace(cfg.ti, step=1),
+                                          train=dataclasses.replace(cfg.train, run_name=None)))
+
+
+def student_init_folder(cfg: RunConfig) -> Path:
+    """Where the student's weights come from: the teacher (SPEC §1), model.student_init_dir if given, or for TI
+    step 2 the final student of its step-1 run (`<step-1 run>/last`). Checked before any work starts."""
+    if cfg.ti.mode != "off" and cfg.ti.step == 2:
+        if cfg.model.student_init_dir:
+            raise ConfigError("--ti.step 2 starts from its step-1 run; do not also give --model.student_init_dir")
+        step1 = step1_folder(cfg)
+        if not (step1 / "result.json").is_file() or not has_checkpoint(step1 / STEP1_STUDENT):
+            raise RunError(f"TI step 2 continues the finished step-1 run {step1}, which is missing or unfinished: "
+                           f"run `bash run_TI_step_1.sh {cfg.data.task} --ti.mode {cfg.ti.mode}` with the same flags first")
+        return step1 / STEP1_STUDENT
+    return Path(cfg.model.student_init_dir or cfg.model.teacher_dir)
+
+
+def step_budget(cfg: RunConfig, train_examples: int) -> tuple[int, int]:
+    """(optimizer steps of this run, steps that came before it). The budget N_total is train.max_steps or
+    epochs × steps per epoch; TI step 1 runs N1 = ti.steps of it and step 2 the remaining N_total − N1."""
+    n_total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch(train_examples, cfg.train.batch_size))
+    if cfg.ti.mode == "off":
+        return n_total, 0
+    n1 = cfg.ti.steps
+    if n1 >= n_total:
+        raise ConfigError(f"--ti.steps {n1} leaves no steps for TI step 2 within the budget of {n_total} steps")
+    return (n1, 0) if cfg.ti.step == 1 else (n_total - n1, n1)
+
+
+def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfig,
+               ti_mode: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One KD-QAT forward: teacher (no grad) and student on the same batch -> (total loss, loss terms).
+
+    ti_mode ("map", "context", "output" or None): Teacher Intervention of this step; the teacher then also
+    keeps the tensor it hands to the student. `student` may be wrapped in DDP.
+    """
+    keep = required_tensors(cfg.loss)
+    with torch.no_grad():
+        t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask,
+                        keep=keep | {TI_TENSOR[ti_mode]} if ti_mode else keep)
+    intervene = Intervention(ti_mode, t_out) if ti_mode else None
+    s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
+    ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
+                      identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
+    return distill_loss(s_out, t_out, ctx, cfg.loss)
 
 
 class StopRequest:
@@ -287,6 +337,7 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.train.threads)
     path = run_folder(cfg)
     state = load_checkpoint(path) if check_run_folder(path, cfg) else None
+    init_dir = student_init_folder(cfg)
     if not has_checkpoint(cfg.model.teacher_dir):
         if dist.world > 1:
             raise RunError(f"no teacher in {cfg.model.teacher_dir}: make it first with one process (the same command without torchrun)")
@@ -295,8 +346,9 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model.teacher_dir)
     data = load_task_data(cfg.data, tokenizer)
     teacher = load_bert(cfg.model.teacher_dir, num_labels=data.task.num_labels).to(device).eval().requires_grad_(False)
-    student = quantize_model(load_student_init(cfg, data.task.num_labels), cfg.quant).to(device).train()
-    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch(len(data.train), cfg.train.batch_size))
+    student = quantize_model(load_bert(init_dir, num_labels=data.task.num_labels), cfg.quant).to(device).train()
+    total, before = step_budget(cfg, len(data.train))
+    ti_step1 = cfg.ti.mode != "off" and cfg.ti.step == 1
     start = state["step"] if state else 0
 
     run = RunDir(path, cfg, command, resume_step=start if state else None) if dist.is_main else None
@@ -314,8 +366,8 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
 
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout masks differ across ranks
     model = student
-    if dist.world > 1:  # parameters unused without a logits term (e.g. the head under attention-only losses)
-        unused = cfg.loss.logits_kd_weight == 0 and cfg.loss.label_loss_weight == 0
+    if dist.world > 1:  # parameters unused without a logits term (the head under attention-only losses) or under TI
+        unused = (cfg.loss.logits_kd_weight == 0 and cfg.loss.label_loss_weight == 0) or ti_step1
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=unused)
     opt = make_optimizer(student, cfg.optim)
@@ -323,11 +375,10 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     if state:
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][dist.rank], device)
-    keep = required_tensors(cfg.loss)
-    layer_map = identity_layer_map(student.shape.num_layers)
     pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
-    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to, start, dist.rank, dist.world,
-                            cfg.train.micro_batch_size)
+    # TI step 2 continues the batch stream where step 1 stopped: together they see the baseline's batches
+    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to, before + start, dist.rank,
+                            dist.world, cfg.train.micro_batch_size)
     select = data.task.select_metric
     term_names = ["total", *active_terms(cfg.loss)]
     skipped = 0
@@ -340,16 +391,12 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
                 opt.zero_grad(set_to_none=True)
                 logged = torch.zeros(len(term_names), device=device)  # this rank's share of the batch-mean loss terms
                 micro = next(batches)
+                ti_mode = mode_at(cfg.ti.mode, step, total, cfg.train.seed) if ti_step1 else None
                 for k, (batch, share) in enumerate(micro):
                     b = batch.to(device)
-                    with torch.no_grad():
-                        t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
                     no_sync = model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
                     with no_sync:
-                        s_out = model(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep)
-                        ctx = LossContext(b.attention_mask, b.labels, data.task.is_regression, layer_map,
-                                          cfg.loss.temperature, cfg.loss.padding_invariant)
-                        loss, terms = distill_loss(s_out, t_out, ctx, cfg.loss)
+                        loss, terms = kd_forward(model, teacher, b, cfg, ti_mode)
                         # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
                         # is exactly the gradient of the global batch mean
                         (loss * share * dist.world).backward()
@@ -369,6 +416,8 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
                     raise NonFiniteError(_dump_nonfinite(path, step, term_names, logged, micro, student, dist))
 
                 done = step + 1
+                if cfg.ti.mode != "off" and dist.is_main:  # the mode in force at every step of both TI steps
+                    run.log(done, {"ti/mode": ti_mode or "off", "ti/mode_code": MODE_CODE[ti_mode]})
                 if done % cfg.train.log_every == 0 or done == total:
                     dist.all_reduce_sum(logged)
                     if dist.is_main:
@@ -388,6 +437,9 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
                         best = {"step": done, "metrics": metrics, "select_metric": select}
                         run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
                         run.write("best.json", best)
+                    if ti_step1:  # step 2 starts from the latest student, not the best
+                        run.save_model(student, tokenizer, _student_extra_config(cfg, data.task), STEP1_STUDENT)
+                        run.write(f"{STEP1_STUDENT}.json", {"step": done, "metrics": metrics})
                 if (is_eval or stop_now) and done < total:
                     rng = dist.gather(_rng_state(device))
                     if dist.is_main:
@@ -405,6 +457,9 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     if dist.is_main:
         result = {"run": str(path), "task": data.task.name, "steps": total, "teacher": teacher_metrics, "best": best,
                   "final": metrics, "skipped_nonfinite": skipped, "wall_s": round(time.time() - t0, 1)}
+        if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
+            result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": before,
+                            **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
         run.write("result.json", result)
         run.close()
         if not cfg.train.keep_checkpoint:
