@@ -183,3 +183,55 @@ def test_negative_or_all_zero_coefficients_are_rejected():
         LossConfig(attn_prob_kl_weight=-1)
     with pytest.raises(ConfigError, match="every loss coefficient is 0"):
         LossConfig(logits_kd_weight=0, hidden_mse_weight=0, attn_score_mse_weight=0)
+
+
+# ---------------------------------------------------------------- custom backwards equal autograd through the formula
+
+def _kl_reference(p_t, p_s, valid):
+    """row_kl written with plain autograd ops (the formula of SPEC §4)."""
+    pair = (valid[:, :, None] & valid[:, None, :])[:, None]
+    kl = p_t * (p_t.clamp_min(1e-8).log() - p_s.clamp_min(1e-8).log())
+    return (kl * pair).sum((-1, -2)) / valid.sum(-1, keepdim=True)
+
+
+def test_row_kl_value_and_gradient_equal_autograd_through_the_formula():
+    from transformer.losses import row_kl
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    scores = torch.randn(2, 3, 5, 5) * 6
+    scores[0, 0, 0, 1] = -40  # a student probability below the 1e-8 floor: no gradient there
+    p_t = torch.randn(2, 3, 5, 5).softmax(-1)
+    grads = []
+    for fn in (row_kl, _kl_reference):
+        s = scores.clone().requires_grad_()
+        p_s = s.softmax(-1)
+        w = torch.arange(6.0).view(2, 3)  # a different upstream gradient per (b, h)
+        (fn(p_t, p_s, valid) * w).sum().backward()
+        grads.append((fn(p_t, p_s.detach(), valid), s.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_mse_terms_keep_one_tensor_and_give_the_mse_gradient():
+    from transformer.losses import _token_mse
+    a, b = torch.randn(2, 4, 3, requires_grad=True), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)[:, :, None]
+    for m, ref in ((None, lambda: torch.nn.functional.mse_loss(a, b)),
+                   (mask, lambda: ((a - b).square() * mask).sum() / (mask.sum() * 3))):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = _token_mse(a, b, m)
+        assert sum(t.numel() for t in saved if t.dim() == 3) == a.numel()  # the difference only, not a and b
+        g_got, = torch.autograd.grad(got, a)
+        want = ref()
+        g_want, = torch.autograd.grad(want, a)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=0)
+
+
+def test_a_teacher_tensor_that_requires_grad_is_refused():
+    from transformer.losses import _token_mse, row_kl
+    with pytest.raises(ValueError, match="teacher"):
+        _token_mse(torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True), None)
+    p = torch.randn(1, 1, 3, 3).softmax(-1)
+    with pytest.raises(ValueError, match="teacher"):
+        row_kl(p.clone().requires_grad_(), p.clone().requires_grad_(), torch.ones(1, 3, dtype=torch.bool))

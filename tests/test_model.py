@@ -139,3 +139,23 @@ def test_strict_load_rejects_unknown_and_missing_tensors(tmp_path):
     with pytest.raises(CheckpointError, match="has no classifier"):
         load_bert(body)
     assert load_bert(body, num_labels=5, new_classifier=True).classifier.out_features == 5
+
+
+def test_dropout_scales_kept_entries_and_keeps_a_bool_mask():
+    from transformer.model import Dropout
+    drop = Dropout(0.25)
+    x = (torch.rand(64, 1000) + 0.5).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    kept = y != 0
+    assert [t.dtype for t in saved] == [torch.bool] and saved[0].equal(kept)
+    torch.testing.assert_close(y[kept], x[kept] * (1 / 0.75), rtol=0, atol=0)  # as torch: x · (1 / (1 − p))
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 64,000 draws: the keep rate is 0.75 ± 0.005 (3σ)
+    y.backward(torch.full_like(y, 3.0))
+    torch.testing.assert_close(x.grad, kept * (3.0 / 0.75), rtol=0, atol=0)
+    torch.manual_seed(5)
+    a = drop(x.detach())
+    torch.manual_seed(5)
+    assert a.equal(drop(x.detach()))  # seeded: resume and reruns draw the same masks
+    assert drop.eval()(x).equal(x) and Dropout(0.0)(x).equal(x)

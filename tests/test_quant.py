@@ -220,3 +220,42 @@ def test_bad_bits_are_rejected():
         QuantConfig(weight_bits=3)
     with pytest.raises(ConfigError, match="input_bits"):
         QuantConfig(input_bits=16)
+
+
+# ---------------------------------------------------------------- cheaper paths, same semantics (issue 5)
+
+def test_nothing_clipped_path_matches_the_reference_with_identity_gradient():
+    # attention probabilities after dropout lie in [0, 1/0.9]: below the clip, so the clamp and STE mask are skipped
+    probs = (torch.rand(2, 3, 6, 6).softmax(-1) / 0.9).requires_grad_()
+    q = quantize_activation(probs, ACT8)
+    torch.testing.assert_close(q, act_reference(probs.detach()), rtol=0, atol=0)
+    q.backward(torch.arange(q.numel(), dtype=q.dtype).view_as(q))
+    torch.testing.assert_close(probs.grad, torch.arange(q.numel(), dtype=q.dtype).view_as(q), rtol=0, atol=0)
+    w = (torch.randn(16, 24) * 0.1).requires_grad_()  # |w| < clip everywhere
+    torch.testing.assert_close(ternarize(w, TERNARY), twn_reference(w.detach()), rtol=0, atol=0)
+    ternarize(w, TERNARY).sum().backward()
+    assert (w.grad == 1).all()
+
+
+def test_per_token_scale_matches_a_row_by_row_reference():
+    x = torch.randn(3, 5, 16) * 2
+    x[1] *= 0.1  # a whole sequence below the clip
+    q = quantize_activation(x, ActConfig(granularity="token"))
+    for b in range(3):
+        for t in range(5):
+            torch.testing.assert_close(q[b, t], act_reference(x[b, t]), rtol=0, atol=0)
+
+
+def _saved_bytes(fn, x):
+    """Bytes of the tensors the autograd graph of fn(x) keeps for the backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(x)
+    return sum(t.numel() * t.element_size() for t in saved)
+
+
+def test_activation_ste_keeps_a_byte_mask_and_nothing_when_nothing_is_clipped():
+    x = (torch.randn(4, 8, 32) * 2).requires_grad_()
+    assert _saved_bytes(lambda t: quantize_activation(t, ACT8), x) == x.numel()  # one bool per element
+    probs = torch.rand(4, 2, 8, 8).softmax(-1).requires_grad_()
+    assert _saved_bytes(lambda t: quantize_activation(t, ACT8), probs) == 0

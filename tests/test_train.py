@@ -1,4 +1,5 @@
 """Optimizer, schedule, and tiny end-to-end KD-QAT runs through the CLI (run folder, logs, reload, errors)."""
+import dataclasses
 import json
 import math
 
@@ -92,7 +93,7 @@ def test_finished_run_is_refused_unless_overwrite(tmp_path, tiny_base, glue_dir,
 def test_fp_student_and_other_recipes_run(tmp_path, tiny_base, glue_dir):
     rc, _ = _run(tmp_path, tiny_base, glue_dir, "--no-quant.enabled", "--loss.attn_output_mse_weight", "1",
                  "--loss.context_mse_weight", "1", "--loss.sa_output_mse_weight", "1", "--loss.value_relation_kl_weight", "1",
-                 "--loss.label_loss_weight", "1", "--optim.optimizer", "adamw", "--data.pad_to_max", steps=2)
+                 "--loss.label_loss_weight", "1", "--optim.optimizer", "adamw", "--data.batching", "fixed", steps=2)
     assert rc == 0
 
 
@@ -141,3 +142,37 @@ def test_custom_tsv_task_trains_without_code_changes(tmp_path, tiny_base, glue_d
     (run,) = (tmp_path / "out" / "nsmc").iterdir()
     result = json.loads((run / "result.json").read_text())
     assert result["task"] == "nsmc" and "acc" in result["final"]
+
+
+def test_bf16_autocast_step_keeps_quantizers_in_fp32_and_close_to_fp32(tiny_base):
+    import copy
+    from transformer.config import RunConfig
+    from transformer.data import Batch
+    from transformer.model import load_bert
+    from transformer.quant import ActFakeQuantizer, quantize_model
+    from transformer.train import kd_forward
+    teacher = load_bert(tiny_base, num_labels=2, new_classifier=True)
+    student = quantize_model(copy.deepcopy(teacher), RunConfig().quant).eval()  # eval: no dropout draws to compare
+    teacher.eval().requires_grad_(False)
+    seen = []
+    for m in student.modules():
+        if isinstance(m, ActFakeQuantizer):
+            m.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    b = Batch(torch.randint(5, 50, (3, 9)), torch.zeros(3, 9, dtype=torch.long), torch.ones(3, 9, dtype=torch.bool),
+              torch.tensor([0, 1, 1]))
+    cfg = RunConfig()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        losses[precision], _ = kd_forward(student, teacher, b, c)
+        assert {out for _, out in seen} == {torch.float32}  # the quantizer math and its output stay fp32
+    assert torch.bfloat16 in {inp for inp, _ in seen}  # ... though under autocast some inputs arrive in bf16
+    losses["bf16"].backward()
+    assert torch.isclose(losses["bf16"], losses["fp32"], rtol=0.05)
+
+
+def test_bf16_run_end_to_end(tmp_path, tiny_base, glue_dir):
+    assert _run(tmp_path, tiny_base, glue_dir, "--train.precision", "bf16", steps=2)[0] == 0
+    run = next((tmp_path / "out").glob("*/*precision=bf16*"))
+    assert json.loads((run / "run_config.json").read_text())["train"]["precision"] == "bf16"

@@ -68,10 +68,18 @@ class DataConfig:
     custom_task: str | None = field(default=None, metadata=_help("JSON describing a custom TSV task (columns, labels, metric)"))
     max_seq_len: int | None = field(default=None, metadata=_help("max tokens per example; default per task (128; CoLA, SST-2: 64)"))
     augment: bool = field(default=False, metadata=_help("train on train_aug.tsv (TinyBERT-style augmented set) instead of train.tsv"))
-    pad_to_max: bool = field(default=False, metadata=_help(
-        "pad every batch to max_seq_len as the published code did (exact reproduction); default pads to the batch's longest"))
+    batching: Literal["length", "shuffle", "fixed"] = field(default="length", metadata=_help(
+        "length: each epoch's shuffle is cut into chunks of bucket_batches batches, each chunk sorted by length, batches "
+        "padded to their longest; shuffle: the plain shuffle, padded to the batch's longest; fixed: the plain shuffle, "
+        "every batch (and dev batch) padded to max_seq_len, as published (exact reproduction)"))
+    bucket_batches: int = field(default=50, metadata=_help("batches per length-sorted chunk under batching=length"))
     limit_train: int | None = field(default=None, metadata=_help("use only the first N training examples (smoke runs)"))
     limit_dev: int | None = field(default=None, metadata=_help("evaluate on the first N dev examples only (smoke runs)"))
+
+
+    def __post_init__(self):
+        if self.bucket_batches <= 0:
+            raise ConfigError(f"--data.bucket_batches must be > 0, got {self.bucket_batches}")
 
 
 @dataclass
@@ -194,6 +202,9 @@ class TrainConfig:
         "split each rank's share of the batch into chunks of this size (gradient accumulation); default: no split"))
     resume: bool = field(default=True, metadata=_help("continue an interrupted run from its last checkpoint"))
     keep_checkpoint: bool = field(default=False, metadata=_help("keep checkpoint.pt (model + optimizer + RNG) after the run ends"))
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help(
+        "bf16: teacher and student forwards and the losses under bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or "
+        "AMX); the quantizers still compute in fp32, dev evaluation runs in fp32"))
     on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=_help(
         "a non-finite loss or gradient stops the run (saving the batch and weights to inspect), or skips the batch"))
 
@@ -243,6 +254,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        d = _migrate(d)
         sections = {}
         for f in fields(cls):
             sub = d.get(f.name, {})
@@ -255,6 +267,16 @@ class RunConfig:
         if extra:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(extra))}")
         return cls(**sections)
+
+
+def _migrate(d: dict) -> dict:
+    """Read run_config.json files written before data.batching replaced data.pad_to_max (True: fixed, False: the
+    then default, per-batch padding of the plain shuffle), so older saved students still load."""
+    data = d.get("data")
+    if isinstance(data, dict) and "pad_to_max" in data:
+        data = {k: v for k, v in data.items() if k != "pad_to_max"} | {"batching": "fixed" if data["pad_to_max"] else "shuffle"}
+        d = {**d, "data": data}
+    return d
 
 
 def _section_type(f: dataclasses.Field) -> type:

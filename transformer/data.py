@@ -68,28 +68,59 @@ def collate(enc: utils_glue.Encoded, idx: list[int] | np.ndarray, pad_to: int | 
     return Batch(ids, types, mask, torch.as_tensor(enc.labels[np.asarray(idx)]))
 
 
+def train_padding(cfg: DataConfig) -> dict:
+    """`train_batches` keyword arguments of cfg.batching: pad_to (fixed) and length_buckets (length)."""
+    return {"pad_to": cfg.max_seq_len if cfg.batching == "fixed" else None,
+            "length_buckets": cfg.bucket_batches if cfg.batching == "length" else None}
+
+
+def eval_pad_to(cfg: DataConfig) -> int | None:
+    """Dev batches are padded to max_seq_len under batching=fixed (as published), else to their longest example."""
+    return cfg.max_seq_len if cfg.batching == "fixed" else None
+
+
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return math.ceil(n_examples / batch_size)
 
 
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  length_buckets: int | None = None) -> list[np.ndarray]:
+    """The example indices of every global batch of epoch `epoch`, in order.
+
+    length_buckets=None: a shuffle with seed (seed, epoch), cut into consecutive batches (the last may be short).
+    length_buckets=K (batching=length, the default of the CLI): the same shuffle cut into chunks of K batches, each
+    chunk sorted by length and cut into batches, then the batch order shuffled. Batches hold examples of similar
+    length, so padding to the batch's longest wastes far less; every example is still seen once per epoch.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=g).numpy()
+    if length_buckets is None:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    chunk = length_buckets * batch_size
+    batches = []
+    for c in range(0, len(order), chunk):
+        part = order[c:c + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[s:s + batch_size] for s in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
 def train_batches(enc: utils_glue.Encoded, batch_size: int, seed: int, pad_to: int | None, start_step: int = 0,
-                  rank: int = 0, world: int = 1, micro_batch_size: int | None = None
-                  ) -> Iterator[list[tuple[Batch, float]]]:
+                  rank: int = 0, world: int = 1, micro_batch_size: int | None = None,
+                  length_buckets: int | None = None) -> Iterator[list[tuple[Batch, float]]]:
     """Endless stream, one item per optimizer step: this rank's micro-batches of the global batch, each with
     its share n_micro / n_global of the batch (so Σ over ranks and micro-batches of share·mean loss = global mean).
 
-    Epoch e shuffles with seed (seed, e); the last batch of an epoch may be short. Every rank draws the
+    Batches of epoch e come from `epoch_batches` (seed, e; length_buckets: see there). Every rank draws the
     same global batch, pads it to its longest example (or pad_to) and takes its contiguous share, so the
     split changes neither padding nor order. start_step skips that many global batches (resume).
     """
     per_epoch = steps_per_epoch(len(enc), batch_size)
     epoch, skip = divmod(start_step, per_epoch)
+    lengths = np.array([len(ids) for ids in enc.input_ids])
     while True:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(enc), generator=g).numpy()
-        for start in range(skip * batch_size, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            length = pad_to or max(len(enc.input_ids[i]) for i in idx)
+        for idx in epoch_batches(lengths, batch_size, seed, epoch, length_buckets)[skip:]:
+            length = pad_to or int(lengths[idx].max())
             mine = np.array_split(idx, world)[rank]
             if len(mine) == 0:  # a short last batch leaves this rank nothing: a zero-share forward keeps DDP in step
                 yield [(collate(enc, idx[:1], length), 0.0)]

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,23 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve allocations below 32 MiB from the heap and never hand freed heap memory back to the OS.
+
+    A CPU training step allocates and frees hundreds of MB of short-lived tensors. glibc's adaptive thresholds return
+    much of it to the OS and the next step page-faults it back in: tens of thousands of faults per KD-QAT step on a
+    2-core VM, each several µs (bench/bench_step.py counts them). The process RSS then stays at its peak instead.
+    Returns False where this does not apply (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MiB is glibc's largest mmap threshold; a trim threshold of -1 (SIZE_MAX) never trims
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 @dataclass

@@ -134,6 +134,34 @@ class ActSlot(nn.Module):
         return x
 
 
+class _BoolMaskDropout(torch.autograd.Function):
+    """x · keep / (1 − p) with keep = [U(0, 1) ≥ p] from `torch.rand`; the backward keeps the bool mask only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep = torch.rand(x.shape, device=x.device) >= p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return (x * keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout. On a CPU, torch's dropout draws with `bernoulli_` and keeps a float mask for the backward; here the
+    mask is drawn with `torch.rand` (cheaper there) and kept as bool: 3 bytes less per element of every dropout input
+    (MiniLM at 32 × 128: 110 MiB less for the attention probabilities alone). Elsewhere (CUDA: a fused kernel that
+    keeps a bool mask already) it is F.dropout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+            return F.dropout(x, self.p, self.training)
+        return _BoolMaskDropout.apply(x, self.p)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: BertShape):
         super().__init__()
@@ -141,7 +169,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(c.max_position, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -156,7 +184,7 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(c.hidden_size, c.hidden_size)
         self.key = nn.Linear(c.hidden_size, c.hidden_size)
         self.value = nn.Linear(c.hidden_size, c.hidden_size)
-        self.dropout = nn.Dropout(c.attn_dropout)
+        self.dropout = Dropout(c.attn_dropout)
         self.act_in, self.act_q, self.act_k, self.act_v, self.act_probs = (ActSlot() for _ in range(5))
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -176,7 +204,8 @@ class SelfAttention(nn.Module):
         q = self._heads(self.act_q(self.query(x_qk), valid))
         k = self._heads(self.act_k(self.key(x_qk), valid))
         v = self._heads(self.act_v(self.value(x.detach() if stop_v else x), valid))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + add_mask  # (B, H, S, S)
+        # scale the (B, H, S, d_h) query, not the (B, H, S, S) product, and add the mask in place: two fewer S×S passes
+        scores = (q * (1 / math.sqrt(self.head_dim)) @ k.transpose(-1, -2)).add_(add_mask)  # (B, H, S, S)
         probs = scores.softmax(dim=-1)
         mixing = probs if teacher_probs is None else teacher_probs
         context = self.act_probs(self.dropout(mixing), valid) @ v  # (B, H, S, d_h)
@@ -188,7 +217,7 @@ class SelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(c.hidden_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
         self.act_in = ActSlot()
 
 
@@ -211,7 +240,7 @@ class Output(nn.Module):
         super().__init__()
         self.dense = nn.Linear(c.intermediate_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
         self.act_in = ActSlot()
 
 
@@ -275,7 +304,7 @@ class BertForGlue(nn.Module):
         super().__init__()
         self.shape = shape
         self.bert = BertBody(shape)
-        self.dropout = nn.Dropout(shape.hidden_dropout)
+        self.dropout = Dropout(shape.hidden_dropout)
         self.classifier = nn.Linear(shape.hidden_size, shape.num_labels)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor,

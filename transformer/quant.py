@@ -17,26 +17,35 @@ from transformer.config import QuantConfig
 from transformer.model import ActSlot, BertForGlue
 
 
-class _ClippedSTE(torch.autograd.Function):
-    """Forward returns `q`; backward passes the gradient to `x` where -clip < x < clip, else 0."""
+class _STE(torch.autograd.Function):
+    """Forward returns exactly `q`; backward passes the gradient to `x`, zeroed where the bool mask `inside`
+    (|x| < clip, made in the forward) is False; no mask: identity. The backward keeps 1 byte per element alive
+    (or nothing) instead of the full-precision input."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, clip: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.clip = clip
+    def forward(ctx, x: Tensor, q: Tensor, inside: Tensor | None) -> Tensor:
+        ctx.masked = inside is not None
+        if ctx.masked:
+            ctx.save_for_backward(inside)
         return q
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return grad * ((x > -ctx.clip) & (x < ctx.clip)).to(grad.dtype), None, None
+        if ctx.masked:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside  # a NaN gradient stays NaN (the loop's non-finite guard sees it)
+        return grad, None, None
 
 
-def clipped_ste(x: Tensor, q: Tensor, clip: float | None) -> Tensor:
-    """Value of `q`, gradient of identity into `x` zeroed outside ±clip (no clip: plain identity)."""
-    if clip is None:
-        return x + (q - x).detach()
-    return _ClippedSTE.apply(x, q.detach(), clip)
+def clipped_ste(x: Tensor, q: Tensor, inside: Tensor | None) -> Tensor:
+    """Value of `q`, gradient of identity into `x` where the bool mask `inside` is True (None: nothing clipped)."""
+    return _STE.apply(x, q, inside)
+
+
+def _nothing_clipped(max_abs: Tensor, clip: float | None) -> bool:
+    """max|x| < clip: the clamp is a no-op and the STE mask all ones, so both can be skipped. Asked only on a CPU,
+    where reading the answer costs no device sync (a NaN answers False: the full path keeps its NaN semantics)."""
+    return clip is None or bool(max_abs.max() < clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,42 +74,56 @@ def _sum(x: Tensor, per_row: bool) -> Tensor:
 
 
 @torch.no_grad()
-def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
-    """TWN: α·sign(w)·[|w| > Δ] on clamped w, Δ = t·mean|w|, α = mean of |w| over kept entries. No grad."""
+def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor | None]:
+    """TWN: α·sign(w)·[|w| > Δ] on clamped w, Δ = t·mean|w|, α = mean of |w| over kept entries; and the
+    STE mask |w| < clip (bool; None when no entry reaches ±clip). No grad."""
     per_row = cfg.granularity == "row"
-    a = w.clamp(-cfg.clip, cfg.clip).abs()
+    a = w.abs()
+    clipped = w.device.type != "cpu" or not _nothing_clipped(a.amax(), cfg.clip)
+    if clipped:
+        a.clamp_max_(cfg.clip)  # |clamp(w, ±clip)|
     keep = (a > cfg.threshold_ratio * _mean(a, per_row)).to(w.dtype)
     alpha = _sum(a * keep, per_row) / _sum(keep, per_row).clamp_min(1)  # nothing kept -> α = 0, not NaN
-    return alpha * torch.sign(w) * keep
+    return alpha * torch.sign(w) * keep, a < cfg.clip if clipped else None  # |clamp(w)| < clip <=> |w| < clip
 
 
 def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
     """Ternary fake-quant of w (any shape; per row = last dim) with the clipped STE."""
-    return clipped_ste(w, ternary_values(w, cfg), cfg.clip)
+    return clipped_ste(w, *ternary_values(w, cfg))
 
 
 @torch.no_grad()
 def symmetric_values(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
-                     valid: Tensor | None = None) -> Tensor:
-    """round(x·s)/s with s = (2^(b-1)-1)/max|x| after clamping to ±clip. No grad.
+                     valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """round(x·s)/s with s = (2^(b-1)-1)/max|x| after clamping to ±clip, and the STE mask |x| < clip
+    (bool; None when nothing is clipped). No grad.
 
     max_dims: dims reduced for the max (None = whole tensor); valid: bool mask broadcastable to x,
     False entries are left out of the max. max|x| = 0 gives zeros, not NaN.
     """
-    if clip is not None:
-        x = x.clamp(-clip, clip)
-    a = x.abs()
-    if valid is not None:
-        a = a.masked_fill(~valid, 0)
-    m = a.amax() if max_dims is None else a.amax(dim=max_dims, keepdim=True)
-    s = (2 ** (bits - 1) - 1) / m.clamp_min(1e-30)
-    return torch.round(x * s) / s
+    levels = 2 ** (bits - 1) - 1
+    m = None
+    if valid is None and x.device.type == "cpu" and (max_dims is None or len(max_dims) == 1):
+        lo, hi = torch.aminmax(x) if max_dims is None else torch.aminmax(x, dim=max_dims[0], keepdim=True)
+        m = torch.maximum(hi, -lo)  # max|x| in one read pass
+        if _nothing_clipped(m, clip):  # e.g. attention probabilities, always below 2.5
+            s = levels / m.clamp_min(1e-30)
+            return (x * s).round_().div_(s), None
+        m = m.clamp_max(clip)  # = max|clamp(x)|
+    c = x.clamp(-clip, clip) if clip is not None else x.clone()  # a fresh tensor: quantized in place below
+    a = c.abs()
+    if m is None:
+        masked = a if valid is None else a.masked_fill(~valid, 0)
+        m = masked.amax() if max_dims is None else masked.amax(dim=max_dims, keepdim=True)
+    inside = a < clip if clip is not None else None  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
+    s = levels / m.clamp_min(1e-30)
+    return c.mul_(s).round_().div_(s), inside
 
 
 def uniform_quantize(w: Tensor, cfg: UniformWeightConfig) -> Tensor:
     """Symmetric uniform fake-quant of a weight tensor (one scale per tensor or per row), clipped STE."""
     dims = (-1,) if cfg.granularity == "row" else None
-    return clipped_ste(w, symmetric_values(w, cfg.bits, cfg.clip, dims), cfg.clip)
+    return clipped_ste(w, *symmetric_values(w, cfg.bits, cfg.clip, dims))
 
 
 class WeightFakeQuantizer(nn.Module):
@@ -143,7 +166,7 @@ def quantize_activation(x: Tensor, cfg: ActConfig, valid: Tensor | None = None) 
     """Symmetric dynamic fake-quant of an activation (SPEC §2), clipped STE."""
     mask = _valid_mask(x, valid) if cfg.exclude_padding else None
     dims = None if cfg.granularity == "tensor" else (-1,)
-    return clipped_ste(x, symmetric_values(x, cfg.bits, cfg.clip, dims, mask), cfg.clip)
+    return clipped_ste(x, *symmetric_values(x, cfg.bits, cfg.clip, dims, mask))
 
 
 class ActFakeQuantizer(nn.Module):
@@ -154,7 +177,8 @@ class ActFakeQuantizer(nn.Module):
         self.config, self.enabled = config, True
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        return quantize_activation(x, self.config, valid) if self.enabled else x
+        # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input)
+        return quantize_activation(x.float(), self.config, valid) if self.enabled else x
 
     def extra_repr(self) -> str:
         return f"{self.config}, enabled={self.enabled}"

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 import utils_glue
 from transformer import distributed
 from transformer.config import ConfigError, OptimConfig, RunConfig, resolve
-from transformer.data import Batch, TaskData, eval_batches, load_task_data, steps_per_epoch, train_batches
+from transformer.data import (Batch, TaskData, eval_batches, eval_pad_to, load_task_data, steps_per_epoch, train_batches,
+                              train_padding)
 from transformer.distributed import pick_device
 from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
@@ -65,24 +66,38 @@ class BertAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # Multi-tensor (torch._foreach_*) form of, per parameter p with gradient g:
+        #   g = g · min(1, max_norm / (‖g‖ + 1e-6));  m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
+        #   p -= lr · (m / (√v + eps) + wd·p)
+        # Same operations in the same order as the per-tensor loop, so the same bits, with one dispatch per
+        # operation for the whole group instead of one per tensor.
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["max_grad_norm"] > 0:  # per tensor, as torch's clip_grad_norm_(p, max) would
-                    g = g * (group["max_grad_norm"] / (g.norm() + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in params]
+            if group["max_grad_norm"] > 0:  # per tensor, as torch's clip_grad_norm_(p, max) would
+                scale = (group["max_grad_norm"] / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)
+                grads = torch._foreach_mul(grads, scale.unbind())
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"] > 0:
-                    update = update + group["weight_decay"] * p
-                p.add_(update, alpha=-group["lr"])
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, grads, alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            del grads
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(m, denom)
+            del denom
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(update, torch._foreach_mul(params, group["weight_decay"]))
+            torch._foreach_add_(params, update, alpha=-group["lr"])
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -135,9 +150,8 @@ def predict(model: BertForGlue, enc: utils_glue.Encoded, batch_size: int, pad_to
 def evaluate(model: BertForGlue, data: TaskData, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Dev metrics; MNLI's mismatched set is reported with an `mm_` prefix."""
     metrics = {}
-    pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
     for i, (split, enc) in enumerate(data.dev.items()):
-        preds = predict(model, enc, cfg.train.eval_batch_size, pad_to, device)
+        preds = predict(model, enc, cfg.train.eval_batch_size, eval_pad_to(cfg.data), device)
         m = utils_glue.compute_metrics(data.task, preds, enc.labels)
         metrics.update(m if i == 0 else {f"mm_{k}": v for k, v in m.items()})
     return metrics
@@ -196,8 +210,7 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log = open(tmp / "finetune_log.jsonl", "w")
-    pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
-    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to)
+    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, **train_padding(cfg.data))
     start = time.time()
     for step in tqdm(range(total), desc=f"teacher {data.task.name}", dynamic_ncols=True):
         b = next(batches)[0][0].to(device)  # one process, no accumulation: one micro-batch with share 1
@@ -276,14 +289,20 @@ def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfi
     keeps the tensor it hands to the student. `student` may be wrapped in DDP.
     """
     keep = required_tensors(cfg.loss)
-    with torch.no_grad():
-        t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask,
-                        keep=keep | {TI_TENSOR[ti_mode]} if ti_mode else keep)
-    intervene = Intervention(ti_mode, t_out) if ti_mode else None
-    s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
-    ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
-                      identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
-    return distill_loss(s_out, t_out, ctx, cfg.loss)
+    with autocast(b.input_ids.device, cfg.train.precision):
+        with torch.no_grad():
+            t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask,
+                            keep=keep | {TI_TENSOR[ti_mode]} if ti_mode else keep)
+        intervene = Intervention(ti_mode, t_out) if ti_mode else None
+        s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
+        ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
+                          identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
+        return distill_loss(s_out, t_out, ctx, cfg.loss)
+
+
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast for precision "bf16" (matmuls in bf16; softmax, LayerNorm and the quantizers stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class StopRequest:
@@ -333,6 +352,8 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     cfg = resolve(cfg)
     dist = distributed.setup(cfg.train.device)
     device = dist.device
+    if device.type == "cpu":
+        distributed.keep_freed_memory()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     path = run_folder(cfg)
@@ -375,10 +396,9 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     if state:
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][dist.rank], device)
-    pad_to = cfg.data.max_seq_len if cfg.data.pad_to_max else None
     # TI step 2 continues the batch stream where step 1 stopped: together they see the baseline's batches
-    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, pad_to, before + start, dist.rank,
-                            dist.world, cfg.train.micro_batch_size)
+    batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, start_step=before + start, rank=dist.rank,
+                            world=dist.world, micro_batch_size=cfg.train.micro_batch_size, **train_padding(cfg.data))
     select = data.task.select_metric
     term_names = ["total", *active_terms(cfg.loss)]
     skipped = 0
