@@ -259,3 +259,61 @@ def test_activation_ste_keeps_a_byte_mask_and_nothing_when_nothing_is_clipped():
     assert _saved_bytes(lambda t: quantize_activation(t, ACT8), x) == x.numel()  # one bool per element
     probs = torch.rand(4, 2, 8, 8).softmax(-1).requires_grad_()
     assert _saved_bytes(lambda t: quantize_activation(t, ACT8), probs) == 0
+
+
+# ---------------------------------------------------------------- saved activations as int8 codes
+
+def _kd_grads(student, teacher, cfg, ti_mode, codes: bool):
+    import contextlib
+    import transformer.train as T
+    from transformer.quant import saved_activations_as_codes
+    from transformer.data import Batch
+    b = Batch(torch.randint(5, TINY.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1)), torch.zeros(4, 9, dtype=torch.long), torch.ones(4, 9, dtype=torch.bool),
+              torch.tensor([0, 1, 1, 0]))
+    b.attention_mask[1, 6:] = False
+    original = T.saved_activations_as_codes
+    T.saved_activations_as_codes = saved_activations_as_codes if codes else contextlib.nullcontext
+    try:
+        student.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout draws
+        loss, _ = T.kd_forward(student, teacher, b, cfg, ti_mode)
+        loss.backward()
+    finally:
+        T.saved_activations_as_codes = original
+    return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("flags,ti_mode", [
+    ([], None), (["--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1"], None),
+    (["--loss.attn_output_mse_weight", "1", "--ti.mode", "map"], "map"),
+    (["--loss.attn_output_mse_weight", "1", "--ti.mode", "context"], "context"),
+    (["--loss.attn_output_mse_weight", "1", "--ti.mode", "output"], "output")])
+def test_int8_codes_of_saved_activations_give_bit_identical_gradients(flags, ti_mode):
+    from transformer.config import parse_config
+    cfg = parse_config(flags)
+    teacher = BertForGlue(TINY)
+    student = quantize_model(copy.deepcopy(teacher), cfg.quant).train()
+    teacher.eval().requires_grad_(False)
+    plain, coded = (_kd_grads(student, teacher, cfg, ti_mode, codes) for codes in (False, True))
+    assert plain.keys() == coded.keys()
+    for name in plain:
+        torch.testing.assert_close(coded[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_quantizer_output_packs_to_int8_codes_that_unpack_to_the_same_bits():
+    from transformer.quant import _Codes, _CodeStore, symmetric_codes
+    x = torch.randn(6, 40) * 3
+    codes, _, scale = symmetric_codes(x, 8, 2.5)
+    int_codes = codes.to(torch.int8)
+    values = codes / scale
+    store = _CodeStore()
+    store.register(values, int_codes, scale)
+    packed = store.pack(values)
+    assert isinstance(packed, _Codes) and packed.codes.dtype == torch.int8
+    assert torch.equal(_CodeStore.unpack(packed), values)
+    assert torch.equal(_CodeStore.unpack(store.pack(values.t())), values.t())  # a view of it: packed too
+    assert not isinstance(store.pack(x), _Codes)  # any other tensor is kept as it is ...
+    y = (x.clone().requires_grad_() * 2).softmax(-1)
+    assert store.pack(y).grad_fn is None and store.pack(y).data_ptr() == y.data_ptr()  # ... without its graph: no cycle
+    values.add_(1)  # written after it was made: no longer codes / s
+    assert not isinstance(store.pack(values), _Codes)

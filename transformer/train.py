@@ -30,7 +30,7 @@ from transformer.distributed import pick_device
 from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
-from transformer.quant import quantize_model
+from transformer.quant import quantize_model, saved_activations_as_codes
 from transformer.rundir import (CHECKPOINT, RunDir, RunError, check_run_folder, git_sha, load_checkpoint, run_folder,
                                 save_checkpoint, write_json)
 
@@ -294,10 +294,11 @@ def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfi
             t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask,
                             keep=keep | {TI_TENSOR[ti_mode]} if ti_mode else keep)
         intervene = Intervention(ti_mode, t_out) if ti_mode else None
-        s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
-        ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
-                          identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
-        return distill_loss(s_out, t_out, ctx, cfg.loss)
+        with saved_activations_as_codes():  # the backward keeps 8-bit activations as int8 codes, not fp32
+            s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
+            ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
+                              identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
+            return distill_loss(s_out, t_out, ctx, cfg.loss)
 
 
 def autocast(device: torch.device, precision: str):
