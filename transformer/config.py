@@ -76,7 +76,6 @@ class DataConfig:
     limit_train: int | None = field(default=None, metadata=_help("use only the first N training examples (smoke runs)"))
     limit_dev: int | None = field(default=None, metadata=_help("evaluate on the first N dev examples only (smoke runs)"))
 
-
     def __post_init__(self):
         if self.bucket_batches <= 0:
             raise ConfigError(f"--data.bucket_batches must be > 0, got {self.bucket_batches}")
