@@ -22,9 +22,7 @@ Timings taken while other jobs use the CPU are unreliable: the header prints the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import ctypes
 import json
 import os
 import platform
@@ -54,7 +52,7 @@ from transformer.losses import LossContext, label_loss  # noqa: E402
 from transformer.model import BertForGlue, BertShape, load_bert, read_shape, save_bert  # noqa: E402
 from transformer.quant import quantize_model  # noqa: E402
 from transformer.rundir import git_sha  # noqa: E402
-from transformer.train import kd_forward, load_tokenizer, make_optimizer  # noqa: E402
+from transformer.train import autocast, kd_forward, load_tokenizer, make_optimizer  # noqa: E402
 
 # name -> (launcher, its flags). tests/test_bench.py checks that each launcher sets exactly these.
 # kd_unified: run_kd_qat_exploration.sh TASK base 1 0.5 (γ does not change the work done).
@@ -165,10 +163,6 @@ def fp_optim() -> OptimConfig:
     return OptimConfig(optimizer="adamw", lr=t.lr, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay)
 
 
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def kd_step(student: BertForGlue, teacher: BertForGlue, opt: torch.optim.Optimizer, cfg: RunConfig, b: Batch,
             ti_mode: str | None) -> None:
     """One KD-QAT optimizer step as the training loop takes it (one process, one micro-batch; precision from cfg)."""
@@ -194,7 +188,7 @@ def build_case(name: str, shape: Shape, device: torch.device, args: argparse.Nam
                init: BertForGlue, teacher: BertForGlue | None) -> Case:
     """One row: its models, optimizer and a closure running one step on a fixed synthetic batch."""
     b = synthetic_batch(init.shape, shape.batch, shape.seq, device)
-    amp = autocast(device, args.bf16)
+    amp = autocast(device, "bf16" if args.bf16 else "fp32")  # the training loop's autocast, for the FP rows
     if name == "hf_fp":
         model = BertForSequenceClassification.from_pretrained(shape.ckpt, num_labels=2, dtype=torch.float32,
                                                               ignore_mismatched_sizes=True).to(device).train()

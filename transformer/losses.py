@@ -53,7 +53,7 @@ def _layer_pairs(s: EncoderOutput, t: EncoderOutput, ctx: LossContext, name: str
 def _batch_slices(x: Tensor) -> list[slice]:
     """Slices of dim 0 with about 2^18 elements each on a CPU (temporaries stay in cache and small), the whole
     tensor elsewhere (a GPU wants few large kernels)."""
-    if x.device.type != "cpu" or x.dim() == 0:
+    if x.device.type != "cpu":
         return [slice(None)]
     step = max(1, (1 << 18) // max(1, x[0].numel()))
     return [slice(i, i + step) for i in range(0, x.shape[0], step)]
