@@ -142,7 +142,7 @@ def test_strict_load_rejects_unknown_and_missing_tensors(tmp_path):
 
 
 def test_dropout_scales_kept_entries_and_keeps_a_bool_mask():
-    from transformer.model import Dropout
+    from transformer.fast import Dropout
     drop = Dropout(0.25)
     x = (torch.rand(64, 1000) + 0.5).requires_grad_()
     saved = []

@@ -9,7 +9,7 @@ from transformer.config import QuantConfig
 from transformer.model import ActSlot, BertForGlue
 from transformer.quant import (ActConfig, ActFakeQuantizer, QuantEmbedding, QuantLinear, TernaryWeightConfig,
                                UniformWeightConfig, quantize_activation, quantize_model, set_quant_enabled,
-                               ternarize, uniform_quantize)
+                               symmetric_codes, ternarize, uniform_quantize)
 from tests.conftest import TINY
 
 TERNARY = TernaryWeightConfig()
@@ -108,6 +108,31 @@ def test_exclude_padding_ignores_padded_positions():
     torch.testing.assert_close(a[0, :, :3, :3], b[0, :, :3, :3], rtol=0, atol=0)
 
 
+def test_exclude_padding_saturates_padding_codes_and_clips_their_gradient():
+    # the valid max is 1.0, padding holds 2.0: its code would be 254 without saturation (an int8 store wraps it)
+    x = torch.tensor([[[0.5], [-1.0], [2.0], [-2.0]]], requires_grad=True)  # (B=1, S=4, D=1)
+    valid = torch.tensor([[True, True, False, False]])
+    q = quantize_activation(x, ActConfig(exclude_padding=True), valid)
+    torch.testing.assert_close(q.detach().flatten(), torch.tensor([round(0.5 * 127) / 127, -1.0, 1.0, -1.0]),
+                               rtol=0, atol=0)
+    q.sum().backward()
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([1.0, 1, 0, 0]))  # saturated = clipped
+    codes, _, scale = symmetric_codes(x.detach(), 8, 2.5, None, valid[:, :, None])
+    assert codes.abs().max() == 127 and scale.item() == 127.0
+
+
+def test_cpu_codes_path_equals_the_reference():
+    from transformer.fast import symmetric_codes_cpu
+    from transformer.quant import symmetric_codes_reference
+    for x, dims in ((torch.randn(4, 6, 32) * 2, None), (torch.rand(2, 3, 8, 8), None), (torch.randn(4, 6, 32) * 2, (-1,)),
+                    (torch.rand(2, 3, 8, 8) * 0.1, (-1,))):
+        for clip in (2.5, None):
+            got, ref = symmetric_codes_cpu(x, 127, clip, dims), symmetric_codes_reference(x, 8, clip, dims)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+            mask = lambda m: torch.ones_like(x, dtype=torch.bool) if m is None else m  # None = nothing clipped
+            assert torch.equal(mask(got[1]), mask(ref[1]))
+
+
 def test_clipped_ste_gradients():
     w = torch.tensor([-3.0, -2.5, -1.0, 0.2, 2.4, 2.5, 4.0], requires_grad=True)
     ternarize(w, TERNARY).sum().backward()
@@ -199,8 +224,11 @@ def test_component_switches():
     assert _count(model, QuantLinear) == 4 * TINY.num_layers + 1
     assert _count(model, ActFakeQuantizer) == 2 * TINY.num_layers + 1
     assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
-    assert quantize_model(BertForGlue(TINY), QuantConfig(enabled=False)) is not None
-    assert _count(quantize_model(BertForGlue(TINY), QuantConfig(enabled=False)), QuantLinear) == 0
+    fp = BertForGlue(TINY)
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    assert quantize_model(fp, QuantConfig(enabled=False)) is fp  # disabled: the same model, untouched
+    assert _count(fp, QuantLinear) == _count(fp, ActFakeQuantizer) == 0 and _count(fp, ActSlot) == 8 * TINY.num_layers + 1
+    assert all(torch.equal(v, before[k]) for k, v in fp.state_dict().items())
 
 
 def test_disabled_quantized_model_equals_fp_model():
@@ -266,7 +294,7 @@ def test_activation_ste_keeps_a_byte_mask_and_nothing_when_nothing_is_clipped():
 def _kd_grads(student, teacher, cfg, ti_mode, codes: bool):
     import contextlib
     import transformer.train as T
-    from transformer.quant import saved_activations_as_codes
+    from transformer.fast import saved_activations_as_codes
     from transformer.data import Batch
     b = Batch(torch.randint(5, TINY.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1)), torch.zeros(4, 9, dtype=torch.long), torch.ones(4, 9, dtype=torch.bool),
               torch.tensor([0, 1, 1, 0]))
@@ -287,7 +315,13 @@ def _kd_grads(student, teacher, cfg, ti_mode, codes: bool):
     ([], None), (["--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1"], None),
     (["--loss.attn_output_mse_weight", "1", "--ti.mode", "map"], "map"),
     (["--loss.attn_output_mse_weight", "1", "--ti.mode", "context"], "context"),
-    (["--loss.attn_output_mse_weight", "1", "--ti.mode", "output"], "output")])
+    (["--loss.attn_output_mse_weight", "1", "--ti.mode", "output"], "output"),
+    # every activation option (the batch has padding): padding-excluded scales, per-token scales, no clip, 4 bits
+    (["--quant.act_exclude_padding"], None), (["--quant.act_exclude_padding", "--loss.attn_score_mse_weight", "0",
+                                               "--loss.attn_prob_kl_weight", "1"], None),
+    (["--quant.act_exclude_padding", "--loss.attn_output_mse_weight", "1", "--ti.mode", "map"], "map"),
+    (["--quant.act_granularity", "token"], None), (["--no-quant.act_clip"], None), (["--quant.input_bits", "4"], None),
+    (["--quant.act_exclude_padding", "--no-quant.act_clip", "--quant.input_bits", "4"], None)])
 def test_int8_codes_of_saved_activations_give_bit_identical_gradients(flags, ti_mode):
     from transformer.config import parse_config
     cfg = parse_config(flags)
@@ -301,7 +335,8 @@ def test_int8_codes_of_saved_activations_give_bit_identical_gradients(flags, ti_
 
 
 def test_a_quantizer_output_packs_to_int8_codes_that_unpack_to_the_same_bits():
-    from transformer.quant import _Codes, _CodeStore, symmetric_codes
+    from transformer.fast import Codes as _Codes, CodeStore as _CodeStore
+    from transformer.quant import symmetric_codes
     x = torch.randn(6, 40) * 3
     codes, _, scale = symmetric_codes(x, 8, 2.5)
     int_codes = codes.to(torch.int8)

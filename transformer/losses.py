@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from transformer import fast
 from transformer.config import LossConfig
 from transformer.model import EncoderOutput, MASK_VALUE
 
@@ -50,46 +50,12 @@ def _layer_pairs(s: EncoderOutput, t: EncoderOutput, ctx: LossContext, name: str
         yield getattr(s.layers[i], name), getattr(t.layers[j], name)
 
 
-def _batch_slices(x: Tensor) -> list[slice]:
-    """Slices of dim 0 with about 2^18 elements each on a CPU (temporaries stay in cache and small), the whole
-    tensor elsewhere (a GPU wants few large kernels)."""
-    if x.device.type != "cpu":
-        return [slice(None)]
-    step = max(1, (1 << 18) // max(1, x[0].numel()))
-    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
-
-
-def _no_teacher_grad(ctx, index: int, what: str) -> None:
-    if ctx.needs_input_grad[index]:
-        raise ValueError(f"{what}: the teacher's tensor must not require grad (run the teacher under torch.no_grad)")
-
-
-class _SquaredError(torch.autograd.Function):
-    """Σ m·(a − b)² for a student tensor a and a constant teacher target b (m: 0/1 mask broadcastable to a, or None).
-    Keeps only the masked difference for the backward (F.mse_loss keeps both a and b)."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, mask: Tensor | None) -> Tensor:
-        _no_teacher_grad(ctx, 1, "an MSE loss")
-        d = a - b
-        if mask is not None:
-            d.mul_(mask)
-        ctx.save_for_backward(d)
-        flat = d.reshape(-1).float()
-        return torch.dot(flat, flat)  # fp32 even for bf16 inputs (autocast)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (d,) = ctx.saved_tensors
-        return (d * (2 * grad)).to(d.dtype), None, None
-
-
 def _token_mse(a: Tensor, b: Tensor, token_mask: Tensor | None) -> Tensor:
     """Mean squared error of student a against teacher b; with token_mask (bool, broadcastable to a) only over
     the counted entries."""
     if token_mask is None:
-        return _SquaredError.apply(a, b, None) / a.numel()
-    return _SquaredError.apply(a, b, token_mask) / token_mask.expand_as(a).sum().clamp_min(1)
+        return fast.SquaredError.apply(a, b, None) / a.numel()
+    return fast.SquaredError.apply(a, b, token_mask) / token_mask.expand_as(a).sum().clamp_min(1)
 
 
 def _pair_mask(valid: Tensor) -> Tensor:
@@ -129,40 +95,10 @@ def attn_score_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tens
     return total
 
 
-class _PairKL(torch.autograd.Function):
-    """Σ_{i,j} pair·p_T (log max(p_T, ε) − log max(p_S, ε)) per (b, h): (B, H, S, S) -> (B, H), ε = PROB_FLOOR.
-
-    Computed slice by slice, with the exact gradient of that formula in p_S (−pair·p_T / p_S where p_S ≥ ε, else 0,
-    as autograd gives through clamp_min and log). The backward keeps only p_T and p_S, which the teacher output and
-    the student's softmax hold anyway; autograd through the formula would keep a clamped copy of p_S per layer.
-    """
-
-    @staticmethod
-    def forward(ctx, p_t: Tensor, p_s: Tensor, pair: Tensor) -> Tensor:
-        _no_teacher_grad(ctx, 0, "the attention-map KL")
-        out = p_s.new_empty(p_s.shape[:2])
-        for sl in _batch_slices(p_s):
-            t = p_t[sl]
-            kl = t.clamp_min(PROB_FLOOR).log_().sub_(p_s[sl].clamp_min(PROB_FLOOR).log_()).mul_(t).mul_(pair[sl])
-            out[sl] = kl.sum(dim=(-1, -2))
-        ctx.save_for_backward(p_t, p_s, pair)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        p_t, p_s, pair = ctx.saved_tensors
-        grad_s = torch.empty_like(p_s)
-        for sl in _batch_slices(p_s):
-            s = p_s[sl]
-            g = torch.div(p_t[sl], s.clamp_min(PROB_FLOOR), out=grad_s[sl])
-            g.mul_(s >= PROB_FLOOR).mul_(pair[sl]).mul_(-grad[sl][..., None, None])
-        return None, grad_s, None
-
-
 def row_kl(p_t: Tensor, p_s: Tensor, valid: Tensor) -> Tensor:
     """(1/s_b) Σ_{i,j<s_b} p_T (log p_T − log p_S) over each sample's valid s_b×s_b block: (B, H, S, S) -> (B, H).
     Probabilities are clamped at PROB_FLOOR inside the logs. Shared by the attn_map loss and the attention-map analysis."""
-    per_sample = _PairKL.apply(p_t, p_s, _pair_mask(valid))  # (B, H)
+    per_sample = fast.PairKL.apply(p_t, p_s, _pair_mask(valid), PROB_FLOOR)  # (B, H)
     return per_sample / valid.sum(-1, keepdim=True).to(per_sample.dtype)
 
 

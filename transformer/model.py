@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.fast import Dropout
+
 # Tensors a caller may ask the forward to keep (SPEC §3). "hidden" also keeps the embedding output.
 KEEPABLE = frozenset({"scores", "probs", "context", "value", "sa_output", "attn_output", "hidden"})
 MASK_VALUE = -10000.0  # additive attention mask of the published code; attn_score_mse zeroes entries <= -100
@@ -132,34 +134,6 @@ class ActSlot(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         return x
-
-
-class _BoolMaskDropout(torch.autograd.Function):
-    """x · keep / (1 − p) with keep = [U(0, 1) ≥ p] from `torch.rand`; the backward keeps the bool mask only."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        keep = torch.rand(x.shape, device=x.device) >= p
-        ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return (x * keep).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout. On a CPU, torch's dropout draws with `bernoulli_` and keeps a float mask for the backward; here the
-    mask is drawn with `torch.rand` (cheaper there) and kept as bool: 3 bytes less per element of every dropout input
-    (MiniLM at 32 × 128: 110 MiB less for the attention probabilities alone). Elsewhere (CUDA: a fused kernel that
-    keeps a bool mask already) it is F.dropout."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
-            return F.dropout(x, self.p, self.training)
-        return _BoolMaskDropout.apply(x, self.p)
 
 
 class Embeddings(nn.Module):

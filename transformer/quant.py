@@ -6,8 +6,6 @@ Every quantizer keeps the latent FP value and trains it through a clipped straig
 """
 from __future__ import annotations
 
-import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer import fast
 from transformer.config import QuantConfig
 from transformer.model import ActSlot, BertForGlue
 
@@ -42,12 +41,6 @@ class _STE(torch.autograd.Function):
 def clipped_ste(x: Tensor, q: Tensor, inside: Tensor | None) -> Tensor:
     """Value of `q`, gradient of identity into `x` where the bool mask `inside` is True (None: nothing clipped)."""
     return _STE.apply(x, q, inside)
-
-
-def _nothing_clipped(max_abs: Tensor, clip: float | None) -> bool:
-    """max|x| < clip: the clamp is a no-op and the STE mask all ones, so both can be skipped. Asked only on a CPU,
-    where reading the answer costs no device sync (a NaN answers False: the full path keeps its NaN semantics)."""
-    return clip is None or bool(max_abs.max() < clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,13 +73,10 @@ def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor 
     """TWN: α·sign(w)·[|w| > Δ] on clamped w, Δ = t·mean|w|, α = mean of |w| over kept entries; and the
     STE mask |w| < clip (bool; None when no entry reaches ±clip). No grad."""
     per_row = cfg.granularity == "row"
-    a = w.abs()
-    clipped = w.device.type != "cpu" or not _nothing_clipped(a.amax(), cfg.clip)
-    if clipped:
-        a.clamp_max_(cfg.clip)  # |clamp(w, ±clip)|
+    a = w.abs().clamp_max_(cfg.clip)  # |clamp(w, ±clip)|
     keep = (a > cfg.threshold_ratio * _mean(a, per_row)).to(w.dtype)
     alpha = _sum(a * keep, per_row) / _sum(keep, per_row).clamp_min(1)  # nothing kept -> α = 0, not NaN
-    return alpha * torch.sign(w) * keep, a < cfg.clip if clipped else None  # |clamp(w)| < clip <=> |w| < clip
+    return alpha * torch.sign(w) * keep, fast.ste_mask(a, cfg.clip)  # |clamp(w)| < clip <=> |w| < clip
 
 
 def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
@@ -97,29 +87,35 @@ def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
 @torch.no_grad()
 def symmetric_codes(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
                     valid: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The integer codes round(x·s) (as floats) with s = (2^(b-1)-1)/max|x| after clamping to ±clip, the STE mask
-    |x| < clip (bool; None when nothing is clipped), and s; the fake-quantized value is codes / s. No grad.
+    """`symmetric_codes_reference`, through its cheaper CPU form (`fast.symmetric_codes_cpu`) where that applies."""
+    if valid is None and fast.cpu_codes_apply(x, max_dims):
+        return fast.symmetric_codes_cpu(x, 2 ** (bits - 1) - 1, clip, max_dims)
+    return symmetric_codes_reference(x, bits, clip, max_dims, valid)
 
-    max_dims: dims reduced for the max (None = whole tensor); valid: bool mask broadcastable to x,
-    False entries are left out of the max. max|x| = 0 gives zeros, not NaN.
+
+@torch.no_grad()
+def symmetric_codes_reference(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
+                              valid: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The integer codes round(x·s) (as floats, |codes| ≤ 2^(b-1)−1) with s = (2^(b-1)−1)/max|x| after clamping to
+    ±clip, the STE mask (bool; None = all True), and s; the fake-quantized value is codes / s. No grad.
+
+    max_dims: dims reduced for the max (None = whole tensor); valid: bool mask broadcastable to x, False entries
+    (padding) are left out of the max. Such an entry can lie beyond the valid max: its code saturates at ±(2^(b-1)−1),
+    as an 8-bit integer would, and it counts as clipped for the STE. max|x| = 0 gives zeros, not NaN.
     """
     levels = 2 ** (bits - 1) - 1
-    m = None
-    if valid is None and x.device.type == "cpu" and (max_dims is None or len(max_dims) == 1):
-        lo, hi = torch.aminmax(x) if max_dims is None else torch.aminmax(x, dim=max_dims[0], keepdim=True)
-        m = torch.maximum(hi, -lo)  # max|x| in one read pass
-        if _nothing_clipped(m, clip):  # e.g. attention probabilities, always below 2.5
-            s = levels / m.clamp_min(1e-30)
-            return (x * s).round_(), None, s
-        m = m.clamp_max(clip)  # = max|clamp(x)|
     c = x.clamp(-clip, clip) if clip is not None else x.clone()  # a fresh tensor: quantized in place below
     a = c.abs()
-    if m is None:
-        masked = a if valid is None else a.masked_fill(~valid, 0)
-        m = masked.amax() if max_dims is None else masked.amax(dim=max_dims, keepdim=True)
-    inside = a < clip if clip is not None else None  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
+    masked = a if valid is None else a.masked_fill(~valid, 0)
+    m = masked.amax() if max_dims is None else masked.amax(dim=max_dims, keepdim=True)
+    inside = fast.ste_mask(a, clip)  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
     s = levels / m.clamp_min(1e-30)
-    return c.mul_(s).round_(), inside, s
+    codes = c.mul_(s).round_()
+    if valid is not None:  # only padding entries can exceed the valid max
+        codes.clamp_(-levels, levels)
+        within = a <= m
+        inside = within if inside is None else inside & within
+    return codes, inside, s
 
 
 def uniform_quantize(w: Tensor, cfg: UniformWeightConfig) -> Tensor:
@@ -166,83 +162,16 @@ def _valid_mask(x: Tensor, valid: Tensor | None) -> Tensor | None:
 
 
 def quantize_activation(x: Tensor, cfg: ActConfig, valid: Tensor | None = None) -> Tensor:
-    """Symmetric dynamic fake-quant of an activation (SPEC §2), clipped STE."""
+    """Symmetric dynamic fake-quant of an activation (docs/algorithms.md §2), clipped STE."""
     mask = _valid_mask(x, valid) if cfg.exclude_padding else None
     dims = None if cfg.granularity == "tensor" else (-1,)
     codes, inside, scale = symmetric_codes(x, cfg.bits, cfg.clip, dims, mask)
-    int_codes = codes.to(torch.int8) if _CODES is not None and scale.numel() == 1 else None  # |codes| ≤ 127
+    store = fast.code_store()  # saved for the backward as int8 codes (speed only; see fast.saved_activations_as_codes)
+    int_codes = codes.to(torch.int8) if store is not None and scale.numel() == 1 else None  # |codes| ≤ 127
     out = clipped_ste(x, codes.div_(scale), inside)
     if int_codes is not None:
-        _CODES.register(out, int_codes, scale)
+        store.register(out, int_codes, scale)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Saved fake-quantized activations as integer codes
-
-class _Codes:
-    """A saved fake-quantized activation as a view of its int8 codes round(x·s) and its scale s."""
-
-    def __init__(self, codes: Tensor, scale: Tensor):
-        self.codes, self.scale = codes, scale
-
-
-class _CodeStore:
-    """The per-tensor-scale activation quantizer outputs of one forward with their int8 codes, by storage address."""
-
-    @dataclass
-    class Entry:
-        ref: weakref.ref   # the quantizer output (weak: the store must not keep activations alive)
-        version: int       # its version counter when made: an in-place write since then disqualifies it
-        codes: Tensor      # int8, the output's shape, contiguous like it
-        scale: Tensor
-
-    def __init__(self):
-        self.outputs: dict[int, _CodeStore.Entry] = {}
-
-    def register(self, q: Tensor, codes: Tensor, scale: Tensor) -> None:
-        if q.is_contiguous():  # a new output at a freed output's address replaces that entry
-            self.outputs[q.untyped_storage().data_ptr()] = self.Entry(weakref.ref(q), q._version, codes, scale)
-
-    def pack(self, t: Tensor):
-        e = self.outputs.get(t.untyped_storage().data_ptr()) if t.dtype == torch.float32 else None
-        q = e.ref() if e is not None else None
-        # a view of a live quantizer output's storage, unwritten since: its values are exactly codes / s
-        if q is None or q.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() or t._version != e.version:
-            # detach(): the same storage without the autograd history; holding t itself would tie a saved output
-            # (e.g. softmax's) to its own graph node, a cycle that outlives a branch the backward never reaches
-            return t.detach()
-        # the same view of the codes (several saves of one output share them)
-        return _Codes(e.codes.as_strided(t.shape, t.stride(), t.storage_offset() - q.storage_offset()), e.scale)
-
-    @staticmethod
-    def unpack(p):
-        # the quantizer computed codes / s in fp32; the same division of the same codes gives the same bits
-        return torch.div(p.codes, p.scale) if isinstance(p, _Codes) else p
-
-
-_CODES: _CodeStore | None = None
-
-
-def _pack_saved(t: Tensor):
-    # a module-level function, not the bound _CODES.pack: autograd keeps the pack hook with every saved tensor, and a
-    # bound method would tie the store (and through it every packed view) to each graph
-    return _CODES.pack(t) if _CODES is not None else t.detach()
-
-
-@contextlib.contextmanager
-def saved_activations_as_codes():
-    """While active, a tensor autograd saves for the backward that is (a view of) the output of a per-tensor activation
-    quantizer (8 or 4 bits, fp32) is kept as int8 codes and its scale, and restored bit for bit when the backward uses
-    it: 1 byte per element instead of 4 for the inputs of the quantized Linears and the quantized attention
-    probabilities. Copies (e.g. the reshaped per-head Q, K, V) and bf16 casts are kept as they are."""
-    global _CODES
-    previous, _CODES = _CODES, _CodeStore()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack_saved, _CodeStore.unpack):
-            yield
-    finally:
-        _CODES = previous
 
 
 class ActFakeQuantizer(nn.Module):

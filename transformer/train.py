@@ -30,7 +30,8 @@ from transformer.distributed import pick_device
 from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
-from transformer.quant import quantize_model, saved_activations_as_codes
+from transformer.fast import saved_activations_as_codes
+from transformer.quant import quantize_model
 from transformer.rundir import (CHECKPOINT, RunDir, RunError, check_run_folder, git_sha, load_checkpoint, run_folder,
                                 save_checkpoint, write_json)
 
