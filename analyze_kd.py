@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why a KD loss helps: compare a teacher with KD-QAT students (SPEC §8), figures + numbers into one folder.
+"""Why a KD loss helps: compare a teacher with KD-QAT students (docs/algorithms.md §8), figures + numbers into one folder.
 
     python analyze_kd.py --teacher models/sts-b --students output/sts-b/<run A> output/sts-b/<run B> \\
         --labels map baseline --task sts-b --out results/analysis/sts-b --n-examples 64 --hessian-examples 16

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Unified KD-QAT loss (SPEC §4): pred + rep + MAP_COEFF·attn_map + OUTPUT_COEFF·attn_output.
+# Unified KD-QAT loss (docs/algorithms.md §4): pred + rep + MAP_COEFF·attn_map + OUTPUT_COEFF·attn_output.
 # usage: bash run_kd_qat_exploration.sh TASK MODEL MAP_COEFF OUTPUT_COEFF [SEED] [quant_task_glue.py flags...]
 #   MODEL: base -> teacher models/<task>; large -> models/BERT_large/<task>; anything else: a teacher folder.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KD-QAT with the attention-output loss (KD-QAT "output" recipe, SPEC §4): pred + rep + attn_output.
+# KD-QAT with the attention-output loss (KD-QAT "output" recipe, docs/algorithms.md §4): pred + rep + attn_output.
 # usage: bash run_kd_qat_output.sh [TASK] [quant_task_glue.py flags...]   (default TASK: sts-b; --help lists the flags)
 # Fine-tunes a teacher into models/<task> first if none is there. Runs go to output/<task>/<run name>/.
 set -euo pipefail

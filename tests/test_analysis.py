@@ -1,4 +1,4 @@
-"""Analyses (SPEC §8) on hand-made maps and on a tiny real teacher/student pair: hand values, zero at identity,
+"""Analyses (docs/algorithms.md §8) on hand-made maps and on a tiny real teacher/student pair: hand values, zero at identity,
 padding invariance, Hessian eigenvalues against a dense Hessian, norm analysis against a direct computation,
 mismatch errors, the CLI and the three notebooks run headless."""
 import json

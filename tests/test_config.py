@@ -85,3 +85,33 @@ def test_long_names_stay_unique_and_short():
     long_b = dataclasses.replace(long_a, loss=dataclasses.replace(long_a.loss, context_mse_weight=0.2))
     a, b = run_name(long_a), run_name(long_b)
     assert len(a) <= MAX_NAME + len("-s42") < 255 and a != b and a.endswith("-s42")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--quant.weight_bits", "4", "--quant.threshold_ratio", "0.5"], "threshold_ratio is the ternary"),
+    (["--quant.weight_bits", "8", "--quant.threshold_ratio", "0.9"], "does nothing with --quant.weight_bits 8"),
+    (["--ti.step1_run", "output/sts-b/x"], "needs --ti.step 2"),
+])
+def test_options_that_would_do_nothing_are_refused(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_temperature_is_refused_for_regression_and_kept_for_classification():
+    with pytest.raises(ConfigError, match="sts-b is a regression task"):
+        resolve(parse_config(["--data.task", "sts-b", "--loss.temperature", "2"]))
+    assert resolve(parse_config(["--data.task", "rte", "--loss.temperature", "2"])).loss.temperature == 2.0
+    assert parse_config(["--quant.weight_bits", "4"]).quant.threshold_ratio == 0.7  # the default is no choice
+
+
+def test_published_eval_protocol_under_fixed_batching():
+    # the published code evaluates in batches of the training batch size (32; CoLA 16)
+    assert resolve(parse_config(["--data.task", "sts-b"])).train.eval_batch_size == 128
+    assert resolve(parse_config(["--data.task", "sts-b", "--data.batching", "fixed"])).train.eval_batch_size == 32
+    assert resolve(parse_config(["--data.task", "cola", "--data.batching", "fixed"])).train.eval_batch_size == 16
+    assert resolve(parse_config(["--data.task", "rte", "--data.batching", "fixed", "--train.batch_size", "8"])
+                   ).train.eval_batch_size == 8
+    # in the run name only when it is not the default of the run's batching
+    assert "eval_batch_size" not in run_name(parse_config(["--data.task", "cola", "--data.batching", "fixed"]))
+    assert "eval_batch_size=64" in run_name(parse_config(["--train.eval_batch_size", "64"]))
+    assert "eval_batch_size=128" in run_name(parse_config(["--data.batching", "fixed", "--train.eval_batch_size", "128"]))

@@ -160,6 +160,18 @@ def s_ti_step1_too_long(env):
     return ["sts-b", *_flags(env), "--model.teacher_dir", str(_teacher(env)), "--ti.mode", "gradual", "--ti.steps", "2"]
 
 
+HELD_LOCKS = []  # locks a scenario holds for the test's duration (released when the test process moves on)
+
+
+def s_run_folder_in_use(env):
+    from transformer.config import parse_config, resolve
+    from transformer.rundir import FolderLock, run_folder
+    argv = ["sts-b", *_flags(env)]
+    folder = run_folder(resolve(parse_config(argv[1:] + ["--data.task", "sts-b"])))
+    HELD_LOCKS.append(FolderLock(folder).acquire())  # as another process training in that folder would
+    return argv
+
+
 SCENARIOS = {
     "unknown task": s_unknown_task,
     "missing data folder": s_missing_data_folder,
@@ -183,6 +195,7 @@ SCENARIOS = {
     "TI step 2 before its step 1": s_ti_step2_first,
     "TI step 2 without a step-1 mode": s_ti_step2_without_mode,
     "TI step 1 as long as the whole budget": s_ti_step1_too_long,
+    "run folder in use by another launch": s_run_folder_in_use,
 }
 
 
@@ -202,3 +215,5 @@ def test_user_error(row, env, capsys):
     assert readme_rows()[row] in err, err
     after = {p for p in (env[0] / "out").rglob("*")} if (env[0] / "out").exists() else set()
     assert after == before  # nothing half-written
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()

@@ -35,9 +35,9 @@ def test_recipe_launchers(tmp_path, tiny_base, glue_dir, script, terms):
     assert (run / "model.safetensors").exists() and json.loads((run / "best.json").read_text())["step"] >= 1
 
 
-@pytest.mark.parametrize("script,ti", [("run_kd_qat_map.sh", {"mode": "off", "step": 1, "steps": 60}),
-                                       ("run_TI_step_1.sh", {"mode": "gradual", "step": 1, "steps": 60}),
-                                       ("run_TI_step_2.sh", {"mode": "gradual", "step": 2, "steps": 60})])
+@pytest.mark.parametrize("script,ti", [("run_kd_qat_map.sh", {"mode": "off", "step": 1, "steps": 60, "step1_run": None}),
+                                       ("run_TI_step_1.sh", {"mode": "gradual", "step": 1, "steps": 60, "step1_run": None}),
+                                       ("run_TI_step_2.sh", {"mode": "gradual", "step": 2, "steps": 60, "step1_run": None})])
 def test_default_task_is_sts_b(tmp_path, tiny_base, glue_dir, script, ti):
     r = launch(script, *tiny_flags(tmp_path, tiny_base, glue_dir), "--dry-run")
     assert r.returncode == 0, r.stderr
@@ -73,7 +73,7 @@ def test_ti_launchers_step_1_then_step_2(tmp_path, tiny_base, glue_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     (step1,) = finished_runs(tmp_path / "out")
     cfg = json.loads((step1 / "run_config.json").read_text())
-    assert cfg["ti"] == {"mode": "gradual", "step": 1, "steps": 2} and cfg["loss"]["attn_output_mse_weight"] == 1.0
+    assert cfg["ti"] == {"mode": "gradual", "step": 1, "steps": 2, "step1_run": None} and cfg["loss"]["attn_output_mse_weight"] == 1.0
     assert (step1 / "last" / "model.safetensors").exists()
     r = launch("run_TI_step_2.sh", "rte", "gradual", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -94,6 +94,17 @@ def test_bad_arguments_print_usage(script, args):
 
 
 def test_cli_help_documents_every_flag():
-    r = subprocess.run([sys.executable, str(REPO / "quant_task_glue.py"), "--help"], capture_output=True, text=True)
+    import dataclasses
+    from transformer.config import RunConfig
+    r = subprocess.run([sys.executable, str(REPO / "quant_task_glue.py"), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "250"})
     assert r.returncode == 0
-    assert "--loss.attn_prob_kl_weight" in r.stdout and "--quant.act_granularity" in r.stdout and "--evaluate" in r.stdout
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            flag = f"--{section.name}.{f.name}"
+            value = getattr(getattr(defaults, section.name), f.name)
+            shown = f"{flag}, --no-{section.name}.{f.name}" if isinstance(value, bool) else flag
+            assert shown in r.stdout, flag  # booleans come as a positive flag and its --no- form
+    for extra in ("--evaluate", "--dry-run", "--config", "task"):
+        assert extra in r.stdout

@@ -188,7 +188,7 @@ def test_negative_or_all_zero_coefficients_are_rejected():
 # ---------------------------------------------------------------- custom backwards equal autograd through the formula
 
 def _kl_reference(p_t, p_s, valid):
-    """row_kl written with plain autograd ops (the formula of SPEC §4)."""
+    """row_kl written with plain autograd ops (the formula of docs/algorithms.md §4)."""
     pair = (valid[:, :, None] & valid[:, None, :])[:, None]
     kl = p_t * (p_t.clamp_min(1e-8).log() - p_s.clamp_min(1e-8).log())
     return (kl * pair).sum((-1, -2)) / valid.sum(-1, keepdim=True)

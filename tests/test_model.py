@@ -159,3 +159,31 @@ def test_dropout_scales_kept_entries_and_keeps_a_bool_mask():
     torch.manual_seed(5)
     assert a.equal(drop(x.detach()))  # seeded: resume and reruns draw the same masks
     assert drop.eval()(x).equal(x) and Dropout(0.0)(x).equal(x)
+
+
+def test_a_base_checkpoint_without_pooler_gets_a_fresh_pooler_and_strict_loads_stay_strict(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+    hf_cfg = BertConfig(vocab_size=TINY.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, initializer_range=0.05)
+    base = tmp_path / "no_pooler"
+    BertModel(hf_cfg, add_pooling_layer=False).save_pretrained(str(base))  # a sentence-embedding style checkpoint
+    torch.manual_seed(1)
+    model = load_bert(base, num_labels=3, new_classifier=True)
+    assert "no pooler weights" in capsys.readouterr().out
+    assert model.shape.num_layers == 3 and model.classifier.out_features == 3
+    w = model.bert.pooler.dense.weight
+    assert (model.bert.pooler.dense.bias == 0).all() and 0.04 < w.std().item() < 0.06  # HF init, its initializer_range
+    # the body is the checkpoint's, exactly
+    from safetensors.torch import load_file
+    sd = load_file(str(base / "model.safetensors"))
+    assert torch.equal(model.bert.encoder.layer[2].output.dense.weight, sd["encoder.layer.2.output.dense.weight"])
+    # a teacher or student load (no new head) still refuses the folder
+    with pytest.raises(CheckpointError, match="has no classifier"):
+        load_bert(base, num_labels=3)
+    saved = tmp_path / "fine_tuned"
+    save_bert(model, saved)
+    del_pooler = {k: v for k, v in load_file(str(saved / "model.safetensors")).items() if "pooler" not in k}
+    from safetensors.torch import save_file
+    save_file(del_pooler, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        load_bert(saved, num_labels=3)  # a fine-tuned model without its pooler is broken, not a base

@@ -17,7 +17,7 @@ ACT8 = ActConfig()
 
 
 def twn_reference(w: torch.Tensor, t: float = 0.7, clip: float = 2.5) -> torch.Tensor:
-    """SPEC §2 TWN, per tensor, written out literally."""
+    """docs/algorithms.md §2 TWN, per tensor, written out literally."""
     w = torch.clamp(w, -clip, clip)
     delta = t * w.abs().mean()
     m = (w.abs() > delta).float()

@@ -1,4 +1,4 @@
-"""Teacher Intervention (SPEC §6): what each mode replaces, the stop-gradients, the schedules, the two steps."""
+"""Teacher Intervention (docs/algorithms.md §6): what each mode replaces, the stop-gradients, the schedules, the two steps."""
 import dataclasses
 import json
 import math
@@ -277,3 +277,25 @@ def _tb_tags(run):
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     return set(acc.Tags()["scalars"])
+
+
+def test_step2_finds_a_custom_named_step1_run_through_step1_run(tmp_path, tiny_base, glue_dir, capsys):
+    step1_argv = _ti_argv(tmp_path, tiny_base, glue_dir, "--train.run_name", "my-step1")
+    assert quant_task_glue.main(step1_argv) == 0
+    step1 = tmp_path / "out" / "sts-b" / "my-step1"
+    assert (step1 / "last" / "model.safetensors").is_file()
+    capsys.readouterr()
+    # the derived name cannot find it: the error says how to name it
+    assert quant_task_glue.main(_ti_argv(tmp_path, tiny_base, glue_dir, "--ti.step", "2")) == 2
+    assert "--ti.step1_run" in capsys.readouterr().err
+    # named explicitly, with a flag that drifted from step 1: it runs, and says what differs
+    step2_argv = _ti_argv(tmp_path, tiny_base, glue_dir, "--ti.step", "2", "--ti.step1_run", str(step1),
+                          "--optim.lr", "3e-5")
+    assert quant_task_glue.main(step2_argv) == 0
+    assert "differs from its step-1 run" in capsys.readouterr().out
+    cfg2 = resolve(parse_config(step2_argv))
+    assert student_init_folder(cfg2) == step1 / "last"
+    result = json.loads((run_folder(cfg2) / "result.json").read_text())
+    assert result["ti"]["step1_run"] == str(step1) and result["ti"]["steps_before"] == 5
+    other = dataclasses.replace(cfg2, ti=dataclasses.replace(cfg2.ti, step1_run=str(tmp_path / "elsewhere")))
+    assert run_folder(other) != run_folder(cfg2)  # continuing another step-1 run is another run

@@ -9,7 +9,7 @@ import torch
 import quant_task_glue
 from transformer.model import BertForGlue
 from transformer.train import BertAdam, lr_at, param_groups
-from tests.conftest import TINY, tiny_flags
+from tests.conftest import REPO, TINY, tiny_flags
 
 
 def test_lr_schedule_warmup_decay_and_no_idle_step():
@@ -91,10 +91,90 @@ def test_finished_run_is_refused_unless_overwrite(tmp_path, tiny_base, glue_dir,
 
 
 def test_fp_student_and_other_recipes_run(tmp_path, tiny_base, glue_dir):
-    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--no-quant.enabled", "--loss.attn_output_mse_weight", "1",
-                 "--loss.context_mse_weight", "1", "--loss.sa_output_mse_weight", "1", "--loss.value_relation_kl_weight", "1",
-                 "--loss.label_loss_weight", "1", "--optim.optimizer", "adamw", "--data.batching", "fixed", steps=2)
+    terms = ["attn_output_mse", "context_mse", "sa_output_mse", "value_relation_kl", "label_loss"]
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--no-quant.enabled", *(x for t in terms for x in (f"--loss.{t}_weight", "1")),
+                 "--optim.optimizer", "adamw", "--data.batching", "fixed", steps=2)
     assert rc == 0
+    (run,) = (tmp_path / "out" / "sts-b").iterdir()
+    losses = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "loss/total" in l]
+    assert [r["step"] for r in losses] == [1, 2]
+    for r in losses:  # every enabled term is logged, finite and non-negative; the total is their weighted sum
+        for t in ["logits_kd", "hidden_mse", "attn_score_mse", *terms]:
+            assert math.isfinite(r[f"loss/{t}"]) and r[f"loss/{t}"] >= 0, t
+        parts = sum(v for k, v in r.items() if k.startswith("loss/") and k != "loss/total")
+        assert r["loss/total"] == pytest.approx(parts, rel=1e-5)
+    # an FP student: no quantizer when reloaded, and its logits are those of the plain HF model
+    from transformer.train import load_run
+    from transformer.quant import ActFakeQuantizer, WeightFakeQuantizer
+    model, cfg = load_run(run)
+    assert not cfg.quant.enabled and cfg.data.batching == "fixed" and cfg.train.eval_batch_size == 8
+    assert not any(isinstance(m, (ActFakeQuantizer, WeightFakeQuantizer)) for m in model.modules())
+    from transformers import BertForSequenceClassification
+    hf = BertForSequenceClassification.from_pretrained(str(run)).eval()
+    ids = torch.randint(5, TINY.vocab_size, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    torch.testing.assert_close(model.eval()(ids, torch.zeros_like(ids), mask).logits,
+                               hf(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_best_selection_never_keeps_nan_over_a_number():
+    from transformer.train import better
+    nan = float("nan")
+    assert better(nan, None) and better(0.1, None)  # the first evaluation is always kept (a student must exist)
+    assert better(0.2, nan) and not better(nan, 0.2) and not better(nan, nan)
+    assert better(0.3, 0.2) and not better(0.2, 0.2) and not better(0.1, 0.2)
+
+
+def test_a_nan_first_evaluation_does_not_lock_the_best_checkpoint(tmp_path, tiny_base, glue_dir, monkeypatch, capsys):
+    import transformer.train as T
+    from transformer.quant import QuantLinear
+    real, calls = T.evaluate, []
+
+    def evaluate(model, data, cfg, device):  # the student's first evaluation: constant predictions (NaN)
+        m = real(model, data, cfg, device)
+        if not any(isinstance(x, QuantLinear) for x in model.modules()):  # the teacher (fine-tune, teacher_eval)
+            return m
+        calls.append(1)
+        return {k: float("nan") for k in m} if len(calls) == 1 else m
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--train.eval_every", "1", steps=3)
+    assert rc == 0
+    (run,) = (tmp_path / "out" / "sts-b").iterdir()
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] in (2, 3) and math.isfinite(best["metrics"]["corr"])
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    (first,) = [r for r in records if r["step"] == 1 and "eval/corr" in r]
+    assert math.isnan(first["eval/corr"]) and "corr" in first["eval/nan_metrics"]  # logged as NaN, named
+
+
+def test_ms_per_step_times_the_training_step_alone(tmp_path, tiny_base, glue_dir, monkeypatch):
+    import transformer.train as T
+
+    class Clock:  # a fake clock: evaluation and checkpoints take 1000 s each, every other call 1 ms
+        now = 0.0
+
+        def time(self):
+            self.now += 0.001
+            return self.now
+
+    clock = Clock()
+    real_eval, real_save = T.evaluate, T.save_checkpoint
+
+    def slow(fn):
+        def wrapped(*a, **kw):
+            clock.now += 1000
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(T, "time", clock)
+    monkeypatch.setattr(T, "evaluate", slow(real_eval))
+    monkeypatch.setattr(T, "save_checkpoint", slow(real_save))
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--train.eval_every", "1", steps=3)
+    assert rc == 0
+    (run,) = (tmp_path / "out" / "sts-b").iterdir()
+    speeds = [json.loads(l)["ms_per_step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "ms_per_step" in l]
+    assert len(speeds) == 3 and max(speeds) < 1000  # no evaluation's or checkpoint's 1000 s in any of them
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -176,3 +256,33 @@ def test_bf16_run_end_to_end(tmp_path, tiny_base, glue_dir):
     assert _run(tmp_path, tiny_base, glue_dir, "--train.precision", "bf16", steps=2)[0] == 0
     run = next((tmp_path / "out").glob("*/*precision=bf16*"))
     assert json.loads((run / "run_config.json").read_text())["train"]["precision"] == "bf16"
+
+
+def test_a_second_launch_is_refused_while_a_run_trains_and_a_killed_holder_leaves_no_lock(tmp_path, tiny_base, glue_dir,
+                                                                                           capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from transformer.config import parse_config, resolve
+    from transformer.rundir import run_folder
+    argv = ["--data.task", "sts-b", *tiny_flags(tmp_path, tiny_base, glue_dir, 3), "--train.eval_every", "2",
+            "--train.log_every", "1"]
+    folder = run_folder(resolve(parse_config(argv)))
+    holder = subprocess.Popen(  # another process that holds the run folder's lock, as a training launch would
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from transformer.rundir import FolderLock; "
+         "FolderLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)", str(folder)],
+        stdout=subprocess.PIPE, text=True, cwd=str(tmp_path.parent), env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert quant_task_glue.main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+        assert [p.name for p in folder.iterdir()] == [".lock"]  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: no cleanup, the lock file stays behind
+        holder.wait()
+    assert (folder / ".lock").exists()
+    assert quant_task_glue.main(argv) == 0  # the stale lock is taken over
+    assert (folder / "result.json").exists() and not (folder / ".lock").exists()

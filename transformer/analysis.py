@@ -1,4 +1,4 @@
-"""Why a KD loss helps (SPEC §8): attention-map distances, Hessian spectrum, attention-output dynamic range,
+"""Why a KD loss helps (docs/algorithms.md §8): attention-map distances, Hessian spectrum, attention-output dynamic range,
 norm analysis (Kobayashi et al. 2020) and attention heat maps. The notebooks and `analyze_kd.py` call these;
 plots are in `transformer.analysis_plots`.
 
@@ -8,7 +8,7 @@ plots are in `transformer.analysis_plots`.
 Conventions: models run in eval mode (dropout off) and without gradients, except for the Hessian; each sample is
 masked by its own length (`valid`: (B, S) bool, True = real token); per-layer results are numpy arrays (L, H)
 averaged over examples. Examples go through one at a time by default (batch_size=1), so a student's dynamic
-per-tensor activation scale (SPEC §2) sees only that sample: no padding, no other sequence.
+per-tensor activation scale (docs/algorithms.md §2) sees only that sample: no padding, no other sequence.
 """
 from __future__ import annotations
 
@@ -283,7 +283,7 @@ def hessian_eigenvalues(loss_fn: Callable[[], Tensor], params: list[Tensor], k: 
 
 
 def task_loss(model: BertForGlue, b: Batch, regression: bool, weight_decay: float = 0.01) -> Tensor:
-    """Hessian objective: CE (regression: MSE) on the batch + weight_decay·Σ_params ‖p‖₂ (SPEC §8).
+    """Hessian objective: CE (regression: MSE) on the batch + weight_decay·Σ_params ‖p‖₂ (docs/algorithms.md §8).
     ‖p‖₂ is computed as sqrt(Σp² + 1e-12) so that it stays twice differentiable at p = 0."""
     logits = model(b.input_ids, b.token_type_ids, b.attention_mask).logits
     loss = F.mse_loss(logits[:, 0], b.labels.to(logits.dtype)) if regression else F.cross_entropy(logits, b.labels)

@@ -1,7 +1,7 @@
 """Every hyper-parameter in one place: dataclass defaults -> generated argparse -> launcher flags.
 
 Precedence: dataclass defaults <- optional ``--config run_config.json`` <- ``--section.field`` flags.
-Per-task defaults (batch size, max length, eval interval; SPEC §5) live in ``TASK_DEFAULTS`` and fill
+Per-task defaults (batch size, max length, eval interval; docs/algorithms.md §5) live in ``TASK_DEFAULTS`` and fill
 the fields left at ``None`` in ``resolve``; the resolved config is what a run writes to its folder.
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ class TaskDefaults:
     batch_size: int
     max_seq_len: int
     eval_every: int
-    ti_steps: int = 60  # Teacher Intervention step-1 length N1 (SPEC §6: 60; CoLA 120)
+    ti_steps: int = 60  # Teacher Intervention step-1 length N1 (docs/algorithms.md §6: 60; CoLA 120)
 
 
-# SPEC §5: batch 32 (CoLA 16); max length 128 (CoLA, SST-2: 64); dev eval interval per task.
+# docs/algorithms.md §5: batch 32 (CoLA 16); max length 128 (CoLA, SST-2: 64); dev eval interval per task.
 TASK_DEFAULTS = {
     "cola": TaskDefaults(16, 64, 50, ti_steps=120),
     "sst-2": TaskDefaults(32, 64, 100),
@@ -118,11 +118,14 @@ class QuantConfig:
             raise ConfigError(f"--quant.clip_val must be > 0, got {self.clip_val}")
         if not 0 <= self.threshold_ratio < 10:
             raise ConfigError(f"--quant.threshold_ratio must be in [0, 10), got {self.threshold_ratio}")
+        if self.weight_bits != 2 and self.threshold_ratio != 0.7:
+            raise ConfigError(f"--quant.threshold_ratio is the ternary (TWN) threshold; it does nothing with "
+                              f"--quant.weight_bits {self.weight_bits} (uniform weights): drop it or use --quant.weight_bits 2")
 
 
 @dataclass
 class LossConfig:
-    """Coefficient of each KD term (SPEC §4; paper letters in transformer/losses.py). 0 = off.
+    """Coefficient of each KD term (docs/algorithms.md §4; paper letters in transformer/losses.py). 0 = off.
 
     Defaults are the TernaryBERT baseline recipe: pred + rep + attn_score.
     """
@@ -185,7 +188,9 @@ class TrainConfig:
     epochs: float = field(default=3.0, metadata=_help("KD-QAT epochs (ignored when max_steps is set)"))
     max_steps: int | None = field(default=None, metadata=_help("total optimizer steps; default epochs × steps per epoch"))
     batch_size: int | None = field(default=None, metadata=_help("training batch size; default per task (32; CoLA 16)"))
-    eval_batch_size: int = field(default=128, metadata=_help("dev evaluation batch size"))
+    eval_batch_size: int | None = field(default=None, metadata=_help(
+        "dev evaluation batch size; default 128, or the training batch size under data.batching=fixed (the published "
+        "protocol: with per-tensor activation scales a prediction depends on its eval batch)"))
     eval_every: int | None = field(default=None, metadata=_help("dev evaluation interval in steps (and always at the last step); default per task"))
     log_every: int = field(default=10, metadata=_help("steps between log lines / TensorBoard points"))
     seed: int = field(default=42, metadata=_help("seed for init, shuffling and dropout"))
@@ -222,19 +227,23 @@ TI_SCHEDULES = typing.get_args(TIMode)[1:]  # every --ti.mode but off (schedules
 
 @dataclass
 class TIConfig:
-    """Teacher Intervention (SPEC §6): step 1 trains with the teacher's tensors inside the student, step 2 without."""
+    """Teacher Intervention (docs/algorithms.md §6): step 1 trains with the teacher's tensors inside the student, step 2 without."""
     mode: TIMode = field(default="off", metadata=_help(
         "step-1 schedule: gradual (TI-G: output, context, then map), inverted, stochastic, or one mode throughout; off = no TI"))
     step: Literal[1, 2] = field(default=1, metadata=_help(
         "1: intervention on for ti.steps steps; 2: continue the step-1 student of ti.mode without intervention "
         "for the rest of the budget (epochs or train.max_steps)"))
     steps: int | None = field(default=None, metadata=_help("step-1 length N1 in optimizer steps; default per task (60; CoLA 120)"))
+    step1_run: str | None = field(default=None, metadata=_help(
+        "step 2: the step-1 run folder to continue; default: the step-1 run of the same flags (found by its run name)"))
 
     def __post_init__(self):
         if self.steps is not None and self.steps <= 0:
             raise ConfigError(f"--ti.steps must be > 0, got {self.steps}")
         if self.step == 2 and self.mode == "off":
             raise ConfigError("--ti.step 2 needs --ti.mode: the step-1 schedule whose student it continues")
+        if self.step1_run is not None and self.step != 2:
+            raise ConfigError("--ti.step1_run names the run that TI step 2 continues; it needs --ti.step 2")
 
 
 @dataclass
@@ -289,13 +298,26 @@ def task_defaults(task: str) -> TaskDefaults:
     return TASK_DEFAULTS.get(task, CUSTOM_TASK_DEFAULTS)
 
 
+DEFAULT_EVAL_BATCH = 128
+
+
+def default_eval_batch_size(data: DataConfig, batch_size: int) -> int:
+    """The published code evaluates in batches of the training batch size; batching=fixed reproduces it exactly."""
+    return batch_size if data.batching == "fixed" else DEFAULT_EVAL_BATCH
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill every per-task `None` default with its concrete value; canonicalise the task name."""
-    task = utils_glue.get_task(cfg.data.task, cfg.data.custom_task).name
+    spec = utils_glue.get_task(cfg.data.task, cfg.data.custom_task)
+    task = spec.name
     td = task_defaults(task)
     data = dataclasses.replace(cfg.data, task=task, max_seq_len=cfg.data.max_seq_len or td.max_seq_len)
-    train = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size or td.batch_size,
-                                eval_every=cfg.train.eval_every or td.eval_every)
+    if spec.is_regression and cfg.loss.temperature != 1.0:
+        raise ConfigError(f"--loss.temperature softens class probabilities; {task} is a regression task, whose "
+                          "logits_kd term is an MSE: drop the flag")
+    batch_size = cfg.train.batch_size or td.batch_size
+    train = dataclasses.replace(cfg.train, batch_size=batch_size, eval_every=cfg.train.eval_every or td.eval_every,
+                                eval_batch_size=cfg.train.eval_batch_size or default_eval_batch_size(data, batch_size))
     model = dataclasses.replace(cfg.model, teacher_dir=cfg.model.teacher_dir or os.path.join("models", task))
     ti = dataclasses.replace(cfg.ti, steps=cfg.ti.steps or td.ti_steps)
     return dataclasses.replace(cfg, data=data, train=train, model=model, ti=ti)
@@ -306,7 +328,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 RUNTIME_ONLY = {"data.glue_dir", "model.base_dir", "train.output_root", "train.run_name", "train.overwrite",
                 "train.resume", "train.device", "train.log_every", "train.tensorboard", "train.threads",
                 "train.on_nonfinite", "train.keep_checkpoint"}
-_NOT_IN_NAME = RUNTIME_ONLY | {"data.task", "data.custom_task", "train.seed", "train.eval_batch_size"}
+_NOT_IN_NAME = RUNTIME_ONLY | {"data.task", "data.custom_task", "train.seed"}
 
 
 def incompatible_fields(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -319,7 +341,7 @@ def incompatible_fields(saved: RunConfig, cfg: RunConfig) -> list[str]:
     return out
 
 
-_PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir"}
+_PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir", "ti.step1_run"}
 MAX_NAME = 200  # file systems cap a folder name at 255 bytes
 
 
@@ -342,7 +364,10 @@ def run_name(cfg: RunConfig) -> str:
         a, b = getattr(cfg, section.name), getattr(ref, section.name)
         for f in fields(a):
             key = f"{section.name}.{f.name}"
-            if key in _NOT_IN_NAME or getattr(a, f.name) == getattr(b, f.name):
+            # the eval batch size's default depends on the run's batching and batch size, not only on the task
+            default = (default_eval_batch_size(cfg.data, a.batch_size) if key == "train.eval_batch_size"
+                       else getattr(b, f.name))
+            if key in _NOT_IN_NAME or getattr(a, f.name) == default:
                 continue
             name = f.name[: -len("_weight")] if f.name.endswith("_weight") else f.name
             if section.name in ("teacher", "ti"):

@@ -1,4 +1,4 @@
-"""Teacher Intervention schedules (Kim et al., EACL 2023; SPEC §6): which mode step `step` of step 1 runs.
+"""Teacher Intervention schedules (Kim et al., EACL 2023; docs/algorithms.md §6): which mode step `step` of step 1 runs.
 
 The replacement itself happens in the student's forward (`transformer.model.Intervention`); this module
 only decides, per optimizer step, which teacher tensor is handed over:

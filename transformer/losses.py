@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses (SPEC §4): pure functions `<tensor>_<comparison>(s, t, ctx)` + one combiner.
+"""Knowledge-distillation losses (docs/algorithms.md §4): pure functions `<tensor>_<comparison>(s, t, ctx)` + one combiner.
 
 Paper names (TernaryBERT; Kim et al., EMNLP 2022 "KD-QAT"; MiniLM) and ours:
 
@@ -28,7 +28,7 @@ from transformer import fast
 from transformer.config import LossConfig
 from transformer.model import EncoderOutput, MASK_VALUE
 
-PROB_FLOOR = 1e-8  # probabilities are clamped here inside the logs of the KL terms (SPEC §4)
+PROB_FLOOR = 1e-8  # probabilities are clamped here inside the logs of the KL terms (docs/algorithms.md §4)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""BERT encoder for GLUE with named per-layer tensors (SPEC §3) and Hugging Face checkpoint I/O.
+"""BERT encoder for GLUE with named per-layer tensors (docs/algorithms.md §3) and Hugging Face checkpoint I/O.
 
 Module and parameter names are Hugging Face's (`bert.encoder.layer.0.attention.self.query`, ...), so
 the key table below is short and a saved student loads in `BertForSequenceClassification`.
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from transformer.fast import Dropout
 
-# Tensors a caller may ask the forward to keep (SPEC §3). "hidden" also keeps the embedding output.
+# Tensors a caller may ask the forward to keep (docs/algorithms.md §3). "hidden" also keeps the embedding output.
 KEEPABLE = frozenset({"scores", "probs", "context", "value", "sa_output", "attn_output", "hidden"})
 MASK_VALUE = -10000.0  # additive attention mask of the published code; attn_score_mse zeroes entries <= -100
 
@@ -43,6 +43,7 @@ class BertShape:
     attn_dropout: float = 0.1
     pad_token_id: int = 0
     num_labels: int = 2
+    initializer_range: float = 0.02  # std of HF's normal init, used for heads a base checkpoint lacks
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +64,7 @@ class BertShape:
                        max_position=d.get("max_position_embeddings", 512), type_vocab_size=d.get("type_vocab_size", 2),
                        layer_norm_eps=d.get("layer_norm_eps", 1e-12), hidden_dropout=d.get("hidden_dropout_prob", 0.1),
                        attn_dropout=d.get("attention_probs_dropout_prob", 0.1), pad_token_id=d.get("pad_token_id", 0),
-                       num_labels=num_labels)
+                       num_labels=num_labels, initializer_range=d.get("initializer_range", 0.02))
         except KeyError as e:
             raise CheckpointError(f"{where}: missing BERT config field {e}") from None
 
@@ -75,6 +76,7 @@ class BertShape:
                 "layer_norm_eps": self.layer_norm_eps, "hidden_dropout_prob": self.hidden_dropout,
                 "attention_probs_dropout_prob": self.attn_dropout, "pad_token_id": self.pad_token_id,
                 "hidden_act": "gelu", "position_embedding_type": "absolute", "num_labels": self.num_labels,
+                "initializer_range": self.initializer_range,
                 **({"problem_type": "regression"} if self.num_labels == 1 else {})}
 
 
@@ -101,13 +103,13 @@ class EncoderOutput:
         return [self.embeddings] + [layer.hidden for layer in self.layers]
 
 
-# Teacher Intervention modes (SPEC §6): which teacher tensor replaces the student's own in every layer.
+# Teacher Intervention modes (docs/algorithms.md §6): which teacher tensor replaces the student's own in every layer.
 TI_TENSOR = {"map": "probs", "context": "context", "output": "sa_output"}
 
 
 @dataclass
 class Intervention:
-    """Teacher Intervention for one student forward (SPEC §6): in every layer l, the teacher's tensor of
+    """Teacher Intervention for one student forward (docs/algorithms.md §6): in every layer l, the teacher's tensor of
     `mode` (map: probs, context: per-head context, output: sa_output; see TI_TENSOR) from a teacher forward
     on the same batch replaces the student's own downstream; the student's own tensors are still returned."""
     mode: str
@@ -171,7 +173,7 @@ class SelfAttention(nn.Module):
 
         teacher_probs (MI): multiplied with V in place of the student's probs (after the student's dropout and
         quantization); the returned scores/probs stay the student's. stop_qk / stop_v: no gradient flows into
-        the layer input through the Q, K / V projections (TI, SPEC §6).
+        the layer input through the Q, K / V projections (TI, docs/algorithms.md §6).
         """
         x = self.act_in(h, valid)  # one quantized input shared by Q, K and V (same tensor, same scale)
         x_qk = x.detach() if stop_qk else x
@@ -230,7 +232,7 @@ class Layer(nn.Module):
         B, S, D = h.shape
         mode = intervene.mode if intervene is not None else None
         t_probs = intervene.tensor(index, (B, self.attention.self.num_heads, S, S)) if mode == "map" else None
-        # SPEC §6: MI stops the gradient into h through Q and K; CI and OI through Q, K and V
+        # docs/algorithms.md §6: MI stops the gradient into h through Q and K; CI and OI through Q, K and V
         scores, probs, value, context = self.attention.self(h, add_mask, valid, t_probs, stop_qk=mode is not None,
                                                             stop_v=mode in ("context", "output"))
         so = self.attention.output
@@ -285,7 +287,7 @@ class BertForGlue(nn.Module):
                 keep: frozenset[str] = frozenset(), intervene: Intervention | None = None) -> EncoderOutput:
         """input_ids, token_type_ids: (B, S) int; attention_mask: (B, S) bool or 0/1, True = real token.
 
-        intervene: Teacher Intervention (SPEC §6) with the teacher's outputs on this same batch; None = off.
+        intervene: Teacher Intervention (docs/algorithms.md §6) with the teacher's outputs on this same batch; None = off.
         """
         unknown = set(keep) - KEEPABLE
         if unknown:
@@ -384,8 +386,9 @@ def read_shape(folder: str | Path) -> BertShape:
 def load_bert(folder: str | Path, num_labels: int | None = None, new_classifier: bool = False) -> BertForGlue:
     """Load an HF BERT checkpoint folder (safetensors or bin) strictly through `hf_key_table`.
 
-    new_classifier: the checkpoint is a base model (no `classifier.*`); a fresh head with `num_labels`
-    outputs is initialised (HF's init: N(0, 0.02), zero bias). Otherwise its classifier must have `num_labels`.
+    new_classifier: the checkpoint is a base model (no `classifier.*`, perhaps no pooler either); a fresh head with
+    `num_labels` outputs (and a pooler, if missing) is initialised as HF does: N(0, initializer_range), zero bias.
+    Otherwise (teachers and students) the load is strict and the classifier must have `num_labels`.
     """
     folder = Path(folder)
     shape = read_shape(folder)
@@ -403,10 +406,16 @@ def load_bert(folder: str | Path, num_labels: int | None = None, new_classifier:
             raise ValueError("new_classifier needs num_labels")
         shape = dataclasses.replace(shape, num_labels=num_labels)
         model = BertForGlue(shape)
-        nn.init.normal_(model.classifier.weight, std=0.02)
-        nn.init.zeros_(model.classifier.bias)
-        converted["classifier.weight"] = model.classifier.weight.detach().clone()
-        converted["classifier.bias"] = model.classifier.bias.detach().clone()
+        fresh = ["classifier"]
+        if not any(k.startswith("bert.pooler.") for k in converted):  # e.g. sentence-embedding checkpoints
+            fresh.append("bert.pooler.dense")
+            print(f"{folder}: no pooler weights; a new pooler is initialised as Hugging Face does")
+        for prefix in fresh:  # HF's init of a fresh head: N(0, initializer_range), zero bias
+            head = model.get_submodule(prefix)
+            nn.init.normal_(head.weight, std=shape.initializer_range)
+            nn.init.zeros_(head.bias)
+            converted[f"{prefix}.weight"] = head.weight.detach().clone()
+            converted[f"{prefix}.bias"] = head.bias.detach().clone()
     else:
         if "classifier.weight" not in converted:
             raise CheckpointError(f"{folder}: has no classifier (a base model, not a fine-tuned one)")

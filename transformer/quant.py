@@ -1,4 +1,4 @@
-"""Fake quantization for W2A8 students (SPEC §2): ternary / uniform weights, symmetric dynamic activations.
+"""Fake quantization for W2A8 students (docs/algorithms.md §2): ternary / uniform weights, symmetric dynamic activations.
 
 Layout (torchao QAT style): small frozen configs -> pure functions -> thin modules with an `enabled`
 switch -> one `quantize_model` entry point that swaps modules in place and shares the Parameters.
@@ -248,7 +248,7 @@ def act_config(cfg: QuantConfig) -> ActConfig:
 def quantize_model(model: BertForGlue, cfg: QuantConfig) -> BertForGlue:
     """Swap the student's encoder Linears, pooler, word embeddings and activation slots for fake
     quantizers, as selected by the component switches of `cfg`. In place; returns the same object.
-    The classifier, position/token-type embeddings, LayerNorms, softmax and GELU stay FP (SPEC §2)."""
+    The classifier, position/token-type embeddings, LayerNorms, softmax and GELU stay FP (docs/algorithms.md §2)."""
     if not cfg.enabled:
         return model
     w, act = weight_config(cfg), act_config(cfg)

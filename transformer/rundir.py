@@ -1,9 +1,11 @@
 """The run folder: config, command, logs, best student, and the resumable checkpoint (written atomically)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -39,17 +41,92 @@ def run_folder(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_root) / cfg.data.task / (cfg.train.run_name or run_name(cfg))
 
 
+LOCK = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder while one process works in it, held with flock on `<folder>/.lock` (inside=True:
+    a run folder, which a fresh run empties except for this file) or `<parent>/.<name>.lock` beside it (a teacher
+    folder, which must stay empty until the teacher is renamed into place). The kernel drops a flock when its holder
+    exits, however it exits (SIGKILL included), so a lock file left by a killed process is stale and simply taken
+    over; the file holds the holder's pid and host for the message to whoever is refused."""
+
+    def __init__(self, folder: Path, what: str = "run folder", inside: bool = True):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK if inside else self.folder.parent / f".{self.folder.name}.lock"
+        self._fd: int | None = None
+        self._made: list[Path] = []  # folders acquire() created, removed again (if empty) on release
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, wait: bool = False) -> FolderLock:
+        """Take the lock; refused with a RunError naming the folder and the holder (or, with wait, block until free)."""
+        missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = missing  # deepest first
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                self._remove_made()
+                raise RunError(f"{self.folder} is in use by another process ({self.holder()}): wait for it to finish, "
+                               "or stop it; a killed process holds no lock") from None
+            try:  # the holder before us may have removed the file while we waited: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still holding it: whoever opens the old file next retries (above)
+            os.close(self._fd)
+            self._fd = None
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
+        self._made = []
+
+    def __enter__(self) -> FolderLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_writable(path: Path) -> None:
+    """The folder, or its deepest existing parent, must be a writable folder."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise RunError(f"cannot write the run folder {path}: {probe} is not a writable folder")
+
+
 def check_run_folder(path: Path, cfg: RunConfig) -> bool:
     """Decide what to do with an existing folder; True = resume from its checkpoint.
 
     A finished run is refused unless --train.overwrite; a checkpoint from the same config is resumed
     (unless --no-train.resume); one from a different config is refused; anything else starts afresh.
     """
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise RunError(f"cannot write the run folder {path}: {probe} is not a writable folder")
+    check_writable(path)
     if not path.exists() or cfg.train.overwrite:
         return False
     if (path / "result.json").exists():
@@ -90,9 +167,10 @@ class RunDir:
     def __init__(self, path: Path, cfg: RunConfig, command: list[str], resume_step: int | None = None):
         self.path = path
         if resume_step is None:
-            if path.exists():
-                shutil.rmtree(path)  # an unfinished or overwritten run: start clean so no stale file survives
-            path.mkdir(parents=True)
+            path.mkdir(parents=True, exist_ok=True)
+            for child in path.iterdir():  # an unfinished or overwritten run: start clean so no stale file survives
+                if child.name != LOCK:  # (the lock of this very process)
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             write_json(path / "run_config.json", cfg.to_dict())
             (path / "command.txt").write_text(" ".join(command) + "\n")
             (path / "git_sha.txt").write_text(git_sha() + "\n")

@@ -1,4 +1,4 @@
-"""Training: teacher fine-tuning (FP, task loss) and the KD-QAT loop (SPEC §5), each one readable function.
+"""Training: teacher fine-tuning (FP, task loss) and the KD-QAT loop (docs/algorithms.md §5), each one readable function.
 
     cfg = resolve(parse_config(["--data.task", "rte"]))
     result = train(cfg)          # -> output/rte/<run name>/ with the best student, best.json, logs
@@ -14,7 +14,9 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 import utils_glue
 from transformer import distributed
-from transformer.config import ConfigError, OptimConfig, RunConfig, resolve
+from transformer.config import ConfigError, OptimConfig, RunConfig, incompatible_fields, resolve
 from transformer.data import (Batch, TaskData, eval_batches, eval_pad_to, load_task_data, steps_per_epoch, train_batches,
                               train_padding)
 from transformer.distributed import pick_device
@@ -32,8 +34,8 @@ from transformer.losses import LossContext, active_terms, distill_loss, identity
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
 from transformer.fast import saved_activations_as_codes
 from transformer.quant import quantize_model
-from transformer.rundir import (CHECKPOINT, RunDir, RunError, check_run_folder, git_sha, load_checkpoint, run_folder,
-                                save_checkpoint, write_json)
+from transformer.rundir import (CHECKPOINT, FolderLock, RunDir, RunError, check_run_folder, check_writable, git_sha, load_checkpoint,
+                                run_folder, save_checkpoint, write_json)
 
 
 class RunInterrupted(RunError):
@@ -250,24 +252,42 @@ STEP1_STUDENT = "last"  # TI step 1 saves its latest evaluated student here; ste
 
 
 def step1_folder(cfg: RunConfig) -> Path:
-    """The TI step-1 run a step-2 config continues: the same config with ti.step 1, found by its default name."""
+    """The TI step-1 run a step-2 config continues: --ti.step1_run, or by default the run of the same config with
+    ti.step 1, found by its default name."""
     cfg = resolve(cfg)
+    if cfg.ti.step1_run:
+        return Path(cfg.ti.step1_run)
     return run_folder(dataclasses.replace(cfg, ti=dataclasses.replace(cfg.ti, step=1),
                                           train=dataclasses.replace(cfg.train, run_name=None)))
 
 
 def student_init_folder(cfg: RunConfig) -> Path:
-    """Where the student's weights come from: the teacher (SPEC §1), model.student_init_dir if given, or for TI
-    step 2 the final student of its step-1 run (`<step-1 run>/last`). Checked before any work starts."""
+    """Where the student's weights come from: the teacher (docs/algorithms.md §1), model.student_init_dir if given,
+    or for TI step 2 the final student of its step-1 run (`<step-1 run>/last`). Checked before any work starts."""
     if cfg.ti.mode != "off" and cfg.ti.step == 2:
         if cfg.model.student_init_dir:
             raise ConfigError("--ti.step 2 starts from its step-1 run; do not also give --model.student_init_dir")
         step1 = step1_folder(cfg)
         if not (step1 / "result.json").is_file() or not has_checkpoint(step1 / STEP1_STUDENT):
-            raise RunError(f"TI step 2 continues the finished step-1 run {step1}, which is missing or unfinished: "
-                           f"run `bash run_TI_step_1.sh {cfg.data.task} --ti.mode {cfg.ti.mode}` with the same flags first")
+            how = ("pass the step-1 run folder with --ti.step1_run" if cfg.ti.step1_run else
+                   f"run `bash run_TI_step_1.sh {cfg.data.task} --ti.mode {cfg.ti.mode}` with the same flags first, "
+                   "or pass its folder with --ti.step1_run")
+            raise RunError(f"TI step 2 continues the finished step-1 run {step1}, which is missing or unfinished: {how}")
+        _warn_step1_drift(step1, cfg)
         return step1 / STEP1_STUDENT
     return Path(cfg.model.student_init_dir or cfg.model.teacher_dir)
+
+
+def _warn_step1_drift(step1: Path, cfg: RunConfig) -> None:
+    """One line when step 2 computes with other settings than its step-1 run did (allowed: it may be on purpose)."""
+    try:
+        saved = RunConfig.from_dict(json.loads((step1 / "run_config.json").read_text()))
+    except (OSError, ValueError, TypeError, ConfigError):
+        return
+    ignore = {"ti.step", "ti.step1_run", "train.run_name", "train.eval_every"}
+    diff = [f for f in incompatible_fields(saved, cfg) if f not in ignore]
+    if diff:
+        print(f"note: TI step 2 differs from its step-1 run {step1} in {', '.join(diff)}")
 
 
 def step_budget(cfg: RunConfig, train_examples: int) -> tuple[int, int]:
@@ -341,18 +361,73 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@dataclass
+class Loop:
+    """What the KD-QAT loop works with, built once by `prepare` (rank 0 alone holds `run`, the run folder writer)."""
+    cfg: RunConfig
+    dist: distributed.Dist
+    path: Path
+    run: RunDir | None
+    data: TaskData
+    tokenizer: object
+    teacher: BertForGlue
+    student: BertForGlue
+    model: nn.Module                  # the student, wrapped in DDP when there are several processes
+    opt: torch.optim.Optimizer
+    batches: Iterator
+    total: int                        # optimizer steps of this run
+    before: int                       # steps of an earlier run this one continues (TI step 2: N1)
+    start: int                        # first step (a resumed run starts after its checkpoint)
+    teacher_metrics: dict
+    best: dict | None = None
+    last_metrics: dict | None = None
+    skipped: int = 0
+    train_s: float = 0.0              # time in training steps since the last log line (not eval, not checkpoints)
+    terms: list[str] = field(default_factory=list)
+
+    @property
+    def ti_step1(self) -> bool:
+        return self.cfg.ti.mode != "off" and self.cfg.ti.step == 1
+
+
 def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     """KD-QAT: FP teacher (eval, no grad) + fake-quantized student (train) -> distill_loss -> optimizer.
 
     Dev evaluation every eval_every steps and at the last step; the best student is kept; a checkpoint
     (model, optimizer, step, RNG, best) at every evaluation lets a rerun of the same command resume
-    exactly. Under torchrun each rank takes its share of every global batch (DDP); rank 0 logs,
-    evaluates and saves. Returns the contents of result.json (on rank 0).
+    exactly. The run folder is locked while this process trains in it. Under torchrun each rank takes its
+    share of every global batch (DDP); rank 0 logs, evaluates and saves. Returns result.json (on rank 0).
     """
     command = command or [sys.executable, *sys.argv]
     t0 = time.time()
     cfg = resolve(cfg)
     dist = distributed.setup(cfg.train.device)
+    lock = FolderLock(run_folder(cfg)) if dist.is_main else None
+    loop = None
+    try:
+        if lock is not None:
+            check_writable(lock.folder)
+            lock.acquire()
+        loop = prepare(cfg, dist, command)
+        with StopRequest() as stop:
+            for step in tqdm(range(loop.start, loop.total), initial=loop.start, total=loop.total, dynamic_ncols=True,
+                             desc=f"kd-qat {loop.data.task.name}", disable=not dist.is_main):
+                terms, lr, grad_norm, stop_now = train_step(loop, step, stop)
+                log_step(loop, step + 1, terms, lr, grad_norm)
+                if (step + 1) % cfg.train.eval_every == 0 or step + 1 == loop.total:
+                    evaluate_and_keep_best(loop, step + 1)
+                checkpoint_or_stop(loop, step + 1, stop_now)
+        return finish(loop, t0)
+    finally:  # every exit: logs closed, process group gone, lock released
+        if loop is not None and loop.run is not None:
+            loop.run.close()
+        dist.close()
+        if lock is not None:
+            lock.release()
+
+
+def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
+    """Teacher (fine-tuned first if missing), student, optimizer, batch stream; a resumed run's saved state."""
     device = dist.device
     if device.type == "cpu":
         distributed.keep_freed_memory()
@@ -364,19 +439,20 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     if not has_checkpoint(cfg.model.teacher_dir):
         if dist.world > 1:
             raise RunError(f"no teacher in {cfg.model.teacher_dir}: make it first with one process (the same command without torchrun)")
-        print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
-        finetune_teacher(cfg, command)
+        with FolderLock(Path(cfg.model.teacher_dir), "teacher folder", inside=False).acquire(wait=True):  # another run may be making it
+            if not has_checkpoint(cfg.model.teacher_dir):
+                print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
+                finetune_teacher(cfg, command)
     tokenizer = load_tokenizer(cfg.model.teacher_dir)
     data = load_task_data(cfg.data, tokenizer)
     teacher = load_bert(cfg.model.teacher_dir, num_labels=data.task.num_labels).to(device).eval().requires_grad_(False)
     student = quantize_model(load_bert(init_dir, num_labels=data.task.num_labels), cfg.quant).to(device).train()
     total, before = step_budget(cfg, len(data.train))
-    ti_step1 = cfg.ti.mode != "off" and cfg.ti.step == 1
     start = state["step"] if state else 0
 
     run = RunDir(path, cfg, command, resume_step=start if state else None) if dist.is_main else None
+    teacher_metrics = state["teacher"] if state else {}
     if state:
-        teacher_metrics = state["teacher"]
         student.load_state_dict(state["model"])
     elif dist.is_main:
         teacher_metrics = evaluate(teacher, data, cfg, device)
@@ -389,106 +465,130 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
 
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout masks differ across ranks
     model = student
+    ti_step1 = cfg.ti.mode != "off" and cfg.ti.step == 1
     if dist.world > 1:  # parameters unused without a logits term (the head under attention-only losses) or under TI
         unused = (cfg.loss.logits_kd_weight == 0 and cfg.loss.label_loss_weight == 0) or ti_step1
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=unused)
     opt = make_optimizer(student, cfg.optim)
-    best = state["best"] if state else None
     if state:
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][dist.rank], device)
     # TI step 2 continues the batch stream where step 1 stopped: together they see the baseline's batches
     batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, start_step=before + start, rank=dist.rank,
                             world=dist.world, micro_batch_size=cfg.train.micro_batch_size, **train_padding(cfg.data))
-    select = data.task.select_metric
-    term_names = ["total", *active_terms(cfg.loss)]
-    skipped = 0
-    last = time.time()
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"kd-qat {data.task.name}", dynamic_ncols=True,
-               disable=not dist.is_main)
-    try:
-        with StopRequest() as stop:
-            for step in bar:
-                opt.zero_grad(set_to_none=True)
-                logged = torch.zeros(len(term_names), device=device)  # this rank's share of the batch-mean loss terms
-                micro = next(batches)
-                ti_mode = mode_at(cfg.ti.mode, step, total, cfg.train.seed) if ti_step1 else None
-                for k, (batch, share) in enumerate(micro):
-                    b = batch.to(device)
-                    no_sync = model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-                    with no_sync:
-                        loss, terms = kd_forward(model, teacher, b, cfg, ti_mode)
-                        # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
-                        # is exactly the gradient of the global batch mean
-                        (loss * share * dist.world).backward()
-                    logged += share * torch.stack([loss, *terms.values()]).detach()
-                lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
-                flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
-                                                         torch.tensor(float(stop.requested), device=device)]))
-                finite, stop_now = flags[0].item() == dist.world, flags[1].item() > 0
-                if finite:
-                    opt.step()
-                elif cfg.train.on_nonfinite == "skip":
-                    skipped += 1
-                else:
-                    raise NonFiniteError(_dump_nonfinite(path, step, term_names, logged, micro, student, dist))
+    return Loop(cfg, dist, path, run, data, tokenizer, teacher, student, model, opt, batches, total, before, start,
+                teacher_metrics, best=state["best"] if state else None, terms=["total", *active_terms(cfg.loss)])
 
-                done = step + 1
-                if cfg.ti.mode != "off" and dist.is_main:  # the mode in force at every step of both TI steps
-                    run.log(done, {"ti/mode": ti_mode or "off", "ti/mode_code": MODE_CODE[ti_mode]})
-                if done % cfg.train.log_every == 0 or done == total:
-                    dist.all_reduce_sum(logged)
-                    if dist.is_main:
-                        now = time.time()
-                        values = {f"loss/{n}": v for n, v in zip(term_names, logged.tolist())}
-                        values |= {"lr": lr, "grad_norm": grad_norm.item(), "skipped_nonfinite": skipped,
-                                   "ms_per_step": 1000 * (now - last) / (done % cfg.train.log_every or cfg.train.log_every)}
-                        last = now
-                        run.log(done, values)
-                        bar.set_postfix(loss=f"{values['loss/total']:.4f}")
-                is_eval = done % cfg.train.eval_every == 0 or done == total
-                if is_eval and dist.is_main:
-                    metrics = evaluate(student, data, cfg, device)
-                    run.log(done, {f"eval/{k}": v for k, v in metrics.items()})
-                    tqdm.write(_log_line(done, metrics))
-                    if best is None or metrics[select] > best["metrics"][select]:
-                        best = {"step": done, "metrics": metrics, "select_metric": select}
-                        run.save_model(student, tokenizer, _student_extra_config(cfg, data.task))
-                        run.write("best.json", best)
-                    if ti_step1:  # step 2 starts from the latest student, not the best
-                        run.save_model(student, tokenizer, _student_extra_config(cfg, data.task), STEP1_STUDENT)
-                        run.write(f"{STEP1_STUDENT}.json", {"step": done, "metrics": metrics})
-                if (is_eval or stop_now) and done < total:
-                    rng = dist.gather(_rng_state(device))
-                    if dist.is_main:
-                        save_checkpoint(path, {"step": done, "model": student.state_dict(), "optimizer": opt.state_dict(),
-                                               "rng": rng, "best": best, "teacher": teacher_metrics})
-                if stop_now and done < total:
-                    raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {path} "
-                                         "(run the same command again to resume)")
-    except RunError:  # interrupted or non-finite: close the logs and the process group before reporting
-        if run is not None:
-            run.close()
-        dist.close()
-        raise
-    result = None
-    if dist.is_main:
-        result = {"run": str(path), "task": data.task.name, "steps": total, "teacher": teacher_metrics, "best": best,
-                  "final": metrics, "skipped_nonfinite": skipped, "wall_s": round(time.time() - t0, 1)}
-        if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
-            result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": before,
-                            **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
-        run.write("result.json", result)
-        run.close()
-        if not cfg.train.keep_checkpoint:
-            (path / CHECKPOINT).unlink(missing_ok=True)
-        print(f"best dev {select} {best['metrics'][select]:.4f} at step {best['step']} "
-              f"(teacher {teacher_metrics[select]:.4f}); student saved in {path}")
-    dist.close()
+
+def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches -> (batch-mean loss terms, lr, grad norm, stop requested)."""
+    t = time.time()
+    cfg, dist, device = loop.cfg, loop.dist, loop.dist.device
+    loop.opt.zero_grad(set_to_none=True)
+    logged = torch.zeros(len(loop.terms), device=device)  # this rank's share of the batch-mean loss terms
+    micro = next(loop.batches)
+    ti_mode = mode_at(cfg.ti.mode, step, loop.total, cfg.train.seed) if loop.ti_step1 else None
+    for k, (batch, share) in enumerate(micro):
+        b = batch.to(device)
+        no_sync = loop.model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+        with no_sync:
+            loss, terms = kd_forward(loop.model, loop.teacher, b, cfg, ti_mode)
+            # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
+            # is exactly the gradient of the global batch mean
+            (loss * share * dist.world).backward()
+        logged += share * torch.stack([loss, *terms.values()]).detach()
+    lr = lr_at(step, loop.total, cfg.optim.lr, cfg.optim.warmup_ratio)
+    for g in loop.opt.param_groups:
+        g["lr"] = lr
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loop.student.parameters() if p.grad is not None])
+    flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
+                                             torch.tensor(float(stop.requested), device=device)]))
+    if flags[0].item() == dist.world:
+        loop.opt.step()
+    elif cfg.train.on_nonfinite == "skip":
+        loop.skipped += 1
+    else:
+        raise NonFiniteError(_dump_nonfinite(loop.path, step, loop.terms, logged, micro, loop.student, dist))
+    if cfg.ti.mode != "off" and dist.is_main:  # the mode in force at every step of both TI steps
+        loop.run.log(step + 1, {"ti/mode": ti_mode or "off", "ti/mode_code": MODE_CODE[ti_mode]})
+    loop.train_s += time.time() - t
+    return logged, lr, grad_norm, flags[1].item() > 0
+
+
+def log_step(loop: Loop, done: int, logged: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
+    """Every log_every steps and at the last: each loss term, LR, grad norm and ms per training step."""
+    every = loop.cfg.train.log_every
+    if done % every and done != loop.total:
+        return
+    loop.dist.all_reduce_sum(logged)
+    if loop.dist.is_main:
+        values = {f"loss/{n}": v for n, v in zip(loop.terms, logged.tolist())}
+        values |= {"lr": lr, "grad_norm": grad_norm.item(), "skipped_nonfinite": loop.skipped,
+                   "ms_per_step": 1000 * loop.train_s / (done % every or every)}
+        loop.run.log(done, values)
+    loop.train_s = 0.0
+
+
+def better(new: float, best: float | None) -> bool:
+    """Whether a dev score replaces the best so far: the first one always; a NaN (e.g. Pearson of constant predictions)
+    never replaces a number, and any number replaces a NaN."""
+    if best is None:
+        return True
+    if math.isnan(new):
+        return False
+    return math.isnan(best) or new > best
+
+
+def evaluate_and_keep_best(loop: Loop, done: int) -> None:
+    """Dev metrics of the student alone (no intervention); the best student so far is saved in the run folder."""
+    if not loop.dist.is_main:
+        return
+    cfg, data, run = loop.cfg, loop.data, loop.run
+    metrics = loop.last_metrics = evaluate(loop.student, data, cfg, loop.dist.device)
+    select = data.task.select_metric
+    nan = [k for k, v in metrics.items() if math.isnan(v)]
+    run.log(done, {f"eval/{k}": v for k, v in metrics.items()} | ({"eval/nan_metrics": nan} if nan else {}))
+    tqdm.write(_log_line(done, metrics) + (f" | NaN {', '.join(nan)} (constant predictions?)" if nan else ""))
+    extra = _student_extra_config(cfg, data.task)
+    if better(metrics[select], loop.best["metrics"][select] if loop.best else None):
+        loop.best = {"step": done, "metrics": metrics, "select_metric": select}
+        run.save_model(loop.student, loop.tokenizer, extra)
+        run.write("best.json", loop.best)
+    if loop.ti_step1:  # step 2 starts from the latest student, not the best
+        run.save_model(loop.student, loop.tokenizer, extra, STEP1_STUDENT)
+        run.write(f"{STEP1_STUDENT}.json", {"step": done, "metrics": metrics})
+
+
+def checkpoint_or_stop(loop: Loop, done: int, stop_now: bool) -> None:
+    """A checkpoint at every evaluation and on a stop request (not after the last step); then stop if asked."""
+    if done == loop.total:
+        return
+    if done % loop.cfg.train.eval_every == 0 or stop_now:
+        rng = loop.dist.gather(_rng_state(loop.dist.device))
+        if loop.dist.is_main:
+            save_checkpoint(loop.path, {"step": done, "model": loop.student.state_dict(), "optimizer": loop.opt.state_dict(),
+                                        "rng": rng, "best": loop.best, "teacher": loop.teacher_metrics})
+    if stop_now:
+        raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {loop.path} "
+                             "(run the same command again to resume)")
+
+
+def finish(loop: Loop, t0: float) -> dict | None:
+    """result.json (its presence marks the run finished); the checkpoint is removed unless kept."""
+    if not loop.dist.is_main:
+        return None
+    cfg, best, select = loop.cfg, loop.best, loop.data.task.select_metric
+    result = {"run": str(loop.path), "task": loop.data.task.name, "steps": loop.total, "teacher": loop.teacher_metrics,
+              "best": best, "final": loop.last_metrics, "skipped_nonfinite": loop.skipped, "wall_s": round(time.time() - t0, 1)}
+    if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
+        result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": loop.before,
+                        **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
+    loop.run.write("result.json", result)
+    if not cfg.train.keep_checkpoint:
+        (loop.path / CHECKPOINT).unlink(missing_ok=True)
+    print(f"best dev {select} {best['metrics'][select]:.4f} at step {best['step']} "
+          f"(teacher {loop.teacher_metrics[select]:.4f}); student saved in {loop.path}")
     return result
 
 
