@@ -96,5 +96,6 @@ def tiny_flags(tmp: Path, base: Path, glue: Path, steps: int = 2) -> list[str]:
     """Flags that shrink any run to seconds: tiny base model, few examples, few steps, temp folders."""
     return ["--data.glue_dir", str(glue), "--model.base_dir", str(base), "--model.teacher_dir", str(tmp / "teacher"),
             "--train.output_root", str(tmp / "out"), "--train.max_steps", str(steps), "--teacher.max_steps", "2",
+            "--teacher.cache_dir", str(tmp / "teacher_cache"),
             "--data.limit_train", "16",
             "--data.limit_dev", "16", "--data.max_seq_len", "32", "--train.batch_size", "8", "--no-train.tensorboard"]

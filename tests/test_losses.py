@@ -215,11 +215,13 @@ def test_mse_terms_keep_one_tensor_and_give_the_mse_gradient():
     from transformer.losses import _token_mse
     a, b = torch.randn(2, 4, 3, requires_grad=True), torch.randn(2, 4, 3)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)[:, :, None]
-    for m, ref in ((None, lambda: torch.nn.functional.mse_loss(a, b)),
-                   (mask, lambda: ((a - b).square() * mask).sum() / (mask.sum() * 3))):
+    valid = mask[:, :, 0]
+    for c, ref in ((ctx(valid), lambda: torch.nn.functional.mse_loss(a, b)),  # published: every entry
+                   (ctx(valid, padding_invariant=True), lambda: ((a - b).square() * mask).sum() / (mask.sum() * 3)),
+                   (ctx(valid, teacher_padding=False), lambda: ((a - b).square() * mask).sum() / a.numel())):  # cache
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            got = _token_mse(a, b, m)
+            got = _token_mse(a, b, mask, c)
         assert sum(t.numel() for t in saved if t.dim() == 3) == a.numel()  # the difference only, not a and b
         g_got, = torch.autograd.grad(got, a)
         want = ref()
@@ -228,10 +230,28 @@ def test_mse_terms_keep_one_tensor_and_give_the_mse_gradient():
         torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=0)
 
 
+def test_a_teacher_without_padding_values_changes_no_gradient_on_real_tokens():
+    # the teacher cache's contract: error at padding dropped, denominator kept -> real-token gradients unchanged
+    valid = torch.tensor([[True, True, True, False, False]])
+    a = torch.randn(1, 5, 4, requires_grad=True)
+    t_live = torch.randn(1, 5, 4)
+    t_cached = t_live.masked_fill(~valid[:, :, None], 0.0)  # the cache has zeros at padding
+    s_out = out(embeddings=a, hidden=a)
+    live = hidden_mse(s_out, out(embeddings=t_live, hidden=t_live), ctx(valid))
+    cached = hidden_mse(s_out, out(embeddings=t_cached, hidden=t_cached), ctx(valid, teacher_padding=False))
+    g_live, = torch.autograd.grad(live, a)
+    g_cached, = torch.autograd.grad(cached, a)
+    torch.testing.assert_close(g_cached[valid], g_live[valid], rtol=0, atol=0)
+    assert (g_cached[~valid] == 0).all()
+    pad_error = 2 * ((a - t_live)[~valid].square().sum() / a.numel())  # embeddings + one layer
+    torch.testing.assert_close(cached, live - pad_error, rtol=1e-6, atol=1e-7)
+
+
 def test_a_teacher_tensor_that_requires_grad_is_refused():
     from transformer.losses import _token_mse, row_kl
     with pytest.raises(ValueError, match="teacher"):
-        _token_mse(torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True), None)
+        _token_mse(torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True),
+                   torch.ones(2, 3, dtype=torch.bool), ctx([[True] * 3] * 2))
     p = torch.randn(1, 1, 3, 3).softmax(-1)
     with pytest.raises(ValueError, match="teacher"):
         row_kl(p.clone().requires_grad_(), p.clone().requires_grad_(), torch.ones(1, 3, dtype=torch.bool))

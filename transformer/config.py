@@ -177,6 +177,14 @@ class TeacherConfig:
     warmup_ratio: float = field(default=0.0, metadata=_help("teacher LR warm-up fraction"))
     weight_decay: float = field(default=0.0, metadata=_help("teacher weight decay"))
     max_steps: int | None = field(default=None, metadata=_help("cap on teacher fine-tuning steps (smoke runs); default: epochs"))
+    cache: Literal["auto", "memory", "disk", "off"] = field(default="auto", metadata=_help(
+        "compute the teacher's tensors once per training example and reuse them (transformer/teacher_cache.py): disk = "
+        "shared by every run with the same teacher, data and tensors, memory-mapped; memory = this run only, in RAM; "
+        "off = the live teacher every step; auto = disk, but off under data.batching=fixed"))
+    cache_dir: str = field(default="cache/teacher", metadata=_help("folder of the disk teacher caches"))
+    cache_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help("storage dtype of the teacher cache"))
+    cache_memory_gb: float = field(default=4.0, metadata=_help("largest cache kept in RAM under cache=memory (else memory-mapped)"))
+    cache_disk_gb: float = field(default=50.0, metadata=_help("largest cache written to disk; beyond: the live teacher"))
 
     def __post_init__(self):
         if self.epochs <= 0 or self.lr <= 0 or (self.max_steps is not None and self.max_steps <= 0):
@@ -327,7 +335,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
 # when a run is resumed, and they stay out of run names.
 RUNTIME_ONLY = {"data.glue_dir", "model.base_dir", "train.output_root", "train.run_name", "train.overwrite",
                 "train.resume", "train.device", "train.log_every", "train.tensorboard", "train.threads",
-                "train.on_nonfinite", "train.keep_checkpoint"}
+                "train.on_nonfinite", "train.keep_checkpoint", "teacher.cache_dir", "teacher.cache_memory_gb",
+                "teacher.cache_disk_gb"}
 _NOT_IN_NAME = RUNTIME_ONLY | {"data.task", "data.custom_task", "train.seed"}
 
 

@@ -20,11 +20,12 @@ class Batch:
     token_type_ids: Tensor   # (B, S) int64
     attention_mask: Tensor   # (B, S) bool, True = real token
     labels: Tensor           # (B,) int64 class index, or float32 score for regression
+    index: Tensor | None = None  # (B,) int64 positions of the examples in their split (the teacher cache's key)
 
     def to(self, device: torch.device | str) -> Batch:
         nb = torch.device(device).type == "cuda"  # async copies only make sense to a GPU
         return Batch(*(t.to(device, non_blocking=nb) for t in
-                       (self.input_ids, self.token_type_ids, self.attention_mask, self.labels)))
+                       (self.input_ids, self.token_type_ids, self.attention_mask, self.labels)), self.index)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -65,7 +66,7 @@ def collate(enc: utils_glue.Encoded, idx: list[int] | np.ndarray, pad_to: int | 
         ids[b, :n] = torch.as_tensor(enc.input_ids[i])
         types[b, :n] = torch.as_tensor(enc.token_type_ids[i])
         mask[b, :n] = True
-    return Batch(ids, types, mask, torch.as_tensor(enc.labels[np.asarray(idx)]))
+    return Batch(ids, types, mask, torch.as_tensor(enc.labels[np.asarray(idx)]), torch.as_tensor(np.asarray(idx)))
 
 
 def train_padding(cfg: DataConfig) -> dict:

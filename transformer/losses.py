@@ -39,6 +39,7 @@ class LossContext:
     layer_map: list[int]          # student layer i <- teacher layer layer_map[i]
     temperature: float = 1.0
     padding_invariant: bool = False
+    teacher_padding: bool = True  # False: the teacher's tensors hold no values at padding positions (teacher cache)
 
 
 def identity_layer_map(num_layers: int) -> list[int]:
@@ -50,12 +51,14 @@ def _layer_pairs(s: EncoderOutput, t: EncoderOutput, ctx: LossContext, name: str
         yield getattr(s.layers[i], name), getattr(t.layers[j], name)
 
 
-def _token_mse(a: Tensor, b: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Mean squared error of student a against teacher b; with token_mask (bool, broadcastable to a) only over
-    the counted entries."""
-    if token_mask is None:
-        return fast.SquaredError.apply(a, b, None) / a.numel()
-    return fast.SquaredError.apply(a, b, token_mask) / token_mask.expand_as(a).sum().clamp_min(1)
+def _token_mse(a: Tensor, b: Tensor, real: Tensor, ctx: LossContext) -> Tensor:
+    """Mean squared error of student a against teacher b; real: bool mask of the real entries, broadcastable to a.
+    Published: the mean over every entry, padding included. padding_invariant: the mean over real entries only.
+    Teacher without padding values (the teacher cache): no error counted at padding, the denominator still every
+    entry, so value = published − the padding entries' error, and the gradient on real entries is the published one."""
+    if ctx.padding_invariant:
+        return fast.SquaredError.apply(a, b, real) / real.expand_as(a).sum().clamp_min(1)
+    return fast.SquaredError.apply(a, b, None if ctx.teacher_padding else real) / a.numel()
 
 
 def _pair_mask(valid: Tensor) -> Tensor:
@@ -79,19 +82,19 @@ def label_loss(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
 
 def hidden_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     """rep: Σ_{l=0..L} MSE(hidden_S[l], hidden_T[map(l)]), embedding output paired with embedding output."""
-    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
+    mask = ctx.valid[:, :, None]
     hs, ht = s.hidden_states(), t.hidden_states()
     pairs = [(hs[0], ht[0])] + [(hs[i + 1], ht[j + 1]) for i, j in enumerate(ctx.layer_map)]
-    return sum(_token_mse(a, b, mask) for a, b in pairs)
+    return sum(_token_mse(a, b, mask, ctx) for a, b in pairs)
 
 
 def attn_score_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     """attn_score: Σ_l MSE of pre-softmax scores (B, H, S, S); entries ≤ −100 (masked) zeroed on both sides."""
     # zero masked entries: otherwise the large negative mask constant would dominate the MSE
-    mask = _pair_mask(ctx.valid) if ctx.padding_invariant else None
+    mask = _pair_mask(ctx.valid)
     total = 0.0
     for a, b in _layer_pairs(s, t, ctx, "scores"):
-        total = total + _token_mse(a.masked_fill(a <= -100, 0), b.masked_fill(b <= -100, 0), mask)
+        total = total + _token_mse(a.masked_fill(a <= -100, 0), b.masked_fill(b <= -100, 0), mask, ctx)
     return total
 
 
@@ -126,20 +129,20 @@ def value_relation_kl(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> T
 
 def attn_output_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     """attn_output: Σ_l MSE of LayerNorm(dropout(sa_output) + h_in), (B, S, D)."""
-    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
-    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "attn_output"))
+    mask = ctx.valid[:, :, None]
+    return sum(_token_mse(a, b, mask, ctx) for a, b in _layer_pairs(s, t, ctx, "attn_output"))
 
 
 def sa_output_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     """sa_output: Σ_l MSE of the attention-output dense result, before dropout/residual/LayerNorm, (B, S, D)."""
-    mask = ctx.valid[:, :, None] if ctx.padding_invariant else None
-    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "sa_output"))
+    mask = ctx.valid[:, :, None]
+    return sum(_token_mse(a, b, mask, ctx) for a, b in _layer_pairs(s, t, ctx, "sa_output"))
 
 
 def context_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     """context: Σ_l MSE of per-head P·V, (B, H, S, d_h); padding-invariant: valid query rows only."""
-    mask = ctx.valid[:, None, :, None] if ctx.padding_invariant else None
-    return sum(_token_mse(a, b, mask) for a, b in _layer_pairs(s, t, ctx, "context"))
+    mask = ctx.valid[:, None, :, None]
+    return sum(_token_mse(a, b, mask, ctx) for a, b in _layer_pairs(s, t, ctx, "context"))
 
 
 LOSSES = {"logits_kd": logits_kd, "label_loss": label_loss, "hidden_mse": hidden_mse,

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import utils_glue
-from transformer import distributed
+from transformer import distributed, teacher_cache
 from transformer.config import ConfigError, OptimConfig, RunConfig, incompatible_fields, resolve
 from transformer.data import (Batch, TaskData, eval_batches, eval_pad_to, load_task_data, steps_per_epoch, train_batches,
                               train_padding)
@@ -34,6 +34,7 @@ from transformer.losses import LossContext, active_terms, distill_loss, identity
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
 from transformer.fast import saved_activations_as_codes
 from transformer.quant import quantize_model
+from transformer.teacher_cache import TeacherCache
 from transformer.rundir import (CHECKPOINT, FolderLock, RunDir, RunError, check_run_folder, check_writable, git_sha, load_checkpoint,
                                 run_folder, save_checkpoint, write_json)
 
@@ -302,23 +303,36 @@ def step_budget(cfg: RunConfig, train_examples: int) -> tuple[int, int]:
     return (n1, 0) if cfg.ti.step == 1 else (n_total - n1, n1)
 
 
-def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfig,
-               ti_mode: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def teacher_tensors(cfg: RunConfig) -> frozenset[str]:
+    """What the teacher must return for a run: the enabled losses' tensors and, in TI step 1, those its schedule hands
+    to the student."""
+    keep = required_tensors(cfg.loss)
+    if cfg.ti.mode == "off" or cfg.ti.step != 1:
+        return keep
+    modes = [cfg.ti.mode] if cfg.ti.mode in TI_TENSOR else list(TI_TENSOR)
+    return keep | {TI_TENSOR[m] for m in modes}
+
+
+def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfig, ti_mode: str | None = None,
+               cache: TeacherCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One KD-QAT forward: teacher (no grad) and student on the same batch -> (total loss, loss terms).
 
     ti_mode ("map", "context", "output" or None): Teacher Intervention of this step; the teacher then also
-    keeps the tensor it hands to the student. `student` may be wrapped in DDP.
+    keeps the tensor it hands to the student. cache: the teacher's tensors of these examples come from it instead
+    of a teacher forward (padding positions hold no teacher values; the losses know). `student` may be wrapped in DDP.
     """
     keep = required_tensors(cfg.loss)
+    t_keep = keep | {TI_TENSOR[ti_mode]} if ti_mode else keep
     with autocast(b.input_ids.device, cfg.train.precision):
         with torch.no_grad():
-            t_out = teacher(b.input_ids, b.token_type_ids, b.attention_mask,
-                            keep=keep | {TI_TENSOR[ti_mode]} if ti_mode else keep)
+            t_out = (cache.batch(b.index, b.input_ids.shape[1], t_keep, b.input_ids.device) if cache is not None else
+                     teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=t_keep))
         intervene = Intervention(ti_mode, t_out) if ti_mode else None
         with saved_activations_as_codes():  # the backward keeps 8-bit activations as int8 codes, not fp32
             s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
             ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
-                              identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant)
+                              identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant,
+                              teacher_padding=cache is None)
             return distill_loss(s_out, t_out, ctx, cfg.loss)
 
 
@@ -379,6 +393,7 @@ class Loop:
     before: int                       # steps of an earlier run this one continues (TI step 2: N1)
     start: int                        # first step (a resumed run starts after its checkpoint)
     teacher_metrics: dict
+    cache: TeacherCache | None = None  # the teacher's tensors, computed once (None: the live teacher every step)
     best: dict | None = None
     last_metrics: dict | None = None
     skipped: int = 0
@@ -449,6 +464,8 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
     student = quantize_model(load_bert(init_dir, num_labels=data.task.num_labels), cfg.quant).to(device).train()
     total, before = step_budget(cfg, len(data.train))
     start = state["step"] if state else 0
+    cache = teacher_cache.open_or_build(cfg, teacher, data.task, data.train, teacher_tensors(cfg), dist,
+                                        lambda: autocast(device, cfg.train.precision))
 
     run = RunDir(path, cfg, command, resume_step=start if state else None) if dist.is_main else None
     teacher_metrics = state["teacher"] if state else {}
@@ -478,7 +495,7 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
     batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, start_step=before + start, rank=dist.rank,
                             world=dist.world, micro_batch_size=cfg.train.micro_batch_size, **train_padding(cfg.data))
     return Loop(cfg, dist, path, run, data, tokenizer, teacher, student, model, opt, batches, total, before, start,
-                teacher_metrics, best=state["best"] if state else None, terms=["total", *active_terms(cfg.loss)])
+                teacher_metrics, cache, best=state["best"] if state else None, terms=["total", *active_terms(cfg.loss)])
 
 
 def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
@@ -493,7 +510,7 @@ def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, 
         b = batch.to(device)
         no_sync = loop.model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
         with no_sync:
-            loss, terms = kd_forward(loop.model, loop.teacher, b, cfg, ti_mode)
+            loss, terms = kd_forward(loop.model, loop.teacher, b, cfg, ti_mode, loop.cache)
             # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
             # is exactly the gradient of the global batch mean
             (loss * share * dist.world).backward()
