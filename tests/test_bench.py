@@ -40,7 +40,8 @@ def test_quick_benchmark_writes_every_row(tmp_path, tiny_base, glue_dir):
     result = json.loads(out.read_text())
     (shape,) = result["shapes"]
     rows = {row["config"]: row for row in shape["rows"]}
-    assert list(rows) == ["hf_fp", "fp", "kd_baseline", "kd_map", "kd_output", "kd_unified", "ti_step1_map"]
+    assert list(rows) == ["hf_fp", "fp", "kd_baseline", "kd_map", "kd_output", "kd_unified", "ti_step1_map",
+                          "kd_baseline_cached", "kd_map_cached", "ti_step1_map_cached"]
     for row in rows.values():
         for key in ("ms_per_step", "cpu_ms_per_step", "examples_per_s", "peak_mib", "time_ratio_vs_hf", "mem_ratio_vs_hf",
                     "tflops"):
@@ -51,5 +52,6 @@ def test_quick_benchmark_writes_every_row(tmp_path, tiny_base, glue_dir):
     assert set(epochs) == {(t, v) for t in ("rte", "sts-b") for v in ("fixed", "shuffle", "length")}
     for e in epochs.values():
         assert e["seconds"] > 0 and e["examples"] == 24 and e["steps"] == 1 and e["padded_tokens"] >= e["real_tokens"] > 0
-    assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"kd_map", "fp", "rte", "sts-b"}
+    assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"kd_map", "kd_map_cached", "fp", "rte", "sts-b"}
+    assert rows["kd_map_cached"]["flops_mult"] == 3 and rows["kd_map"]["flops_mult"] == 4  # no teacher forward
     assert result["meta"]["git_sha"] and result["meta"]["torch_threads"] == 1
