@@ -352,3 +352,47 @@ def test_a_quantizer_output_packs_to_int8_codes_that_unpack_to_the_same_bits():
     assert store.pack(y).grad_fn is None and store.pack(y).data_ptr() == y.data_ptr()  # ... without its graph: no cycle
     values.add_(1)  # written after it was made: no longer codes / s
     assert not isinstance(store.pack(values), _Codes)
+
+
+needs_compiler = pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="torch.compile on CPU needs a C++ compiler")
+
+
+@needs_compiler
+def test_compiled_quantizer_equals_the_eager_one():
+    from transformer.fast import compiled_quantizers
+    for x in (torch.randn(4, 9, 32) * 2, torch.rand(2, 3, 9, 9), torch.randn(4, 7, 32) * 0.1):
+        for cfg in (ACT8, ActConfig(granularity="token"), ActConfig(clip=None), ActConfig(bits=4)):
+            eager = x.clone().requires_grad_()
+            fused = x.clone().requires_grad_()
+            q_e = quantize_activation(eager, cfg)
+            with compiled_quantizers():
+                q_c = quantize_activation(fused, cfg)
+            assert torch.equal(q_e, q_c), cfg
+            g = torch.randn_like(x)
+            q_e.backward(g)
+            q_c.backward(g)
+            assert torch.equal(eager.grad, fused.grad), cfg
+
+
+@needs_compiler
+def test_a_compiled_kd_step_gives_the_eager_gradients():
+    from transformer.config import parse_config
+    cfg = parse_config(["--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1"])
+    on = parse_config(["--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1", "--train.compile"])
+    teacher = BertForGlue(TINY)
+    student = quantize_model(copy.deepcopy(teacher), cfg.quant).train()
+    teacher.eval().requires_grad_(False)
+    import transformer.train as T
+    from transformer.data import Batch
+    b = Batch(torch.randint(5, TINY.vocab_size, (4, 9)), torch.zeros(4, 9, dtype=torch.long),
+              torch.ones(4, 9, dtype=torch.bool), torch.tensor([0, 1, 1, 0]))
+    grads = []
+    for c in (cfg, on):
+        student.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss, _ = T.kd_forward(student, teacher, b, c)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)

@@ -217,6 +217,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help(
         "bf16: teacher and student forwards and the losses under bfloat16 autocast (GPUs, and CPUs with AVX512-BF16 or "
         "AMX); the quantizers still compute in fp32, dev evaluation runs in fp32"))
+    compile: bool = field(default=False, metadata=_help(
+        "fuse the activation fake-quantizers with torch.compile (a C++ compiler on CPU; the first steps compile); "
+        "the same values as the eager path"))
     on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=_help(
         "a non-finite loss or gradient stops the run (saving the batch and weights to inspect), or skips the batch"))
 
@@ -335,7 +338,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 # when a run is resumed, and they stay out of run names.
 RUNTIME_ONLY = {"data.glue_dir", "model.base_dir", "train.output_root", "train.run_name", "train.overwrite",
                 "train.resume", "train.device", "train.log_every", "train.tensorboard", "train.threads",
-                "train.on_nonfinite", "train.keep_checkpoint", "teacher.cache_dir", "teacher.cache_memory_gb",
+                "train.on_nonfinite", "train.keep_checkpoint", "train.compile", "teacher.cache_dir", "teacher.cache_memory_gb",
                 "teacher.cache_disk_gb"}
 _NOT_IN_NAME = RUNTIME_ONLY | {"data.task", "data.custom_task", "train.seed"}
 

@@ -9,6 +9,7 @@ a CPU dropout with a bool mask, a one-pass CPU path of the activation quantizer,
 |------------------------------------|------------------------------------------------------------|-------------------------|
 | `ste_mask`                         | `a < clip` (None = all True)                               | test_quant              |
 | `symmetric_codes_cpu`              | `quant.symmetric_codes_reference` without `valid`          | test_quant              |
+| `symmetric_codes_compiled`         | the same, fused by torch.compile (`--train.compile`)       | test_quant              |
 | `SquaredError`                     | `Σ m·(a − b)²` through autograd                            | test_losses             |
 | `PairKL`                           | `Σ pair·p_T (log p_T − log p_S)` through autograd          | test_losses             |
 | `Dropout`                          | `F.dropout` (same keep rate and scaling, other RNG draws)  | test_model              |
@@ -57,6 +58,42 @@ def symmetric_codes_cpu(x: Tensor, levels: int, clip: float | None,
     inside = c.abs() < clip  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
     s = levels / m.clamp_min(1e-30)
     return c.mul_(s).round_(), inside, s
+
+
+def _codes_formula(x: Tensor, levels: float, clip: float | None, per_token: bool):
+    # the plain formula of quant.symmetric_codes_reference (no padding mask), written for torch.compile to fuse
+    c = x.clamp(-clip, clip) if clip is not None else x
+    a = c.abs()
+    m = a.amax(dim=-1, keepdim=True) if per_token else a.amax()
+    s = levels / m.clamp_min(1e-30)
+    return (c * s).round(), (a < clip) if clip is not None else None, s
+
+
+_COMPILED: dict[str, object] = {}
+_USE_COMPILED = False
+
+
+@contextlib.contextmanager
+def compiled_quantizers(on: bool = True):
+    """While active (and `on`), activation quantizers without a padding mask run `_codes_formula` compiled by
+    torch.compile (Inductor fuses the clamp, |x|, max, scale and rounding into two kernels); dynamic shapes, since
+    length-bucketed batches change S every step. Same values, mask and scale as the eager path (tested)."""
+    global _USE_COMPILED
+    previous, _USE_COMPILED = _USE_COMPILED, on
+    try:
+        yield
+    finally:
+        _USE_COMPILED = previous
+
+
+def compiled_codes_apply(x: Tensor, valid, max_dims) -> bool:
+    return _USE_COMPILED and valid is None and (max_dims is None or tuple(max_dims) == (-1,))
+
+
+def symmetric_codes_compiled(x: Tensor, levels: int, clip: float | None, max_dims) -> tuple[Tensor, Tensor | None, Tensor]:
+    if "codes" not in _COMPILED:
+        _COMPILED["codes"] = torch.compile(_codes_formula, dynamic=True)
+    return _COMPILED["codes"](x, float(levels), clip, max_dims is not None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
 @torch.no_grad()
 def symmetric_codes(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
                     valid: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """`symmetric_codes_reference`, through its cheaper CPU form (`fast.symmetric_codes_cpu`) where that applies."""
+    """`symmetric_codes_reference`, through a faster form of it where one applies (`transformer/fast.py`)."""
+    if fast.compiled_codes_apply(x, valid, max_dims):
+        return fast.symmetric_codes_compiled(x, 2 ** (bits - 1) - 1, clip, max_dims)
     if valid is None and fast.cpu_codes_apply(x, max_dims):
         return fast.symmetric_codes_cpu(x, 2 ** (bits - 1) - 1, clip, max_dims)
     return symmetric_codes_reference(x, bits, clip, max_dims, valid)

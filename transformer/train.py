@@ -32,7 +32,7 @@ from transformer.distributed import pick_device
 from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
-from transformer.fast import saved_activations_as_codes
+from transformer.fast import compiled_quantizers, saved_activations_as_codes
 from transformer.quant import quantize_model
 from transformer.teacher_cache import TeacherCache
 from transformer.rundir import (CHECKPOINT, FolderLock, RunDir, RunError, check_run_folder, check_writable, git_sha, load_checkpoint,
@@ -328,7 +328,8 @@ def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfi
             t_out = (cache.batch(b.index, b.input_ids.shape[1], t_keep, b.input_ids.device) if cache is not None else
                      teacher(b.input_ids, b.token_type_ids, b.attention_mask, keep=t_keep))
         intervene = Intervention(ti_mode, t_out) if ti_mode else None
-        with saved_activations_as_codes():  # the backward keeps 8-bit activations as int8 codes, not fp32
+        # the backward keeps 8-bit activations as int8 codes, not fp32; --train.compile fuses the quantizers
+        with saved_activations_as_codes(), compiled_quantizers(cfg.train.compile):
             s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
             ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
                               identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant,
