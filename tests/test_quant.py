@@ -359,6 +359,7 @@ needs_compiler = pytest.mark.skipif(not any(__import__("shutil").which(c) for c 
 
 
 @needs_compiler
+@pytest.mark.slow  # compiling takes tens of seconds
 def test_compiled_quantizer_equals_the_eager_one():
     from transformer.fast import compiled_quantizers
     for x in (torch.randn(4, 9, 32) * 2, torch.rand(2, 3, 9, 9), torch.randn(4, 7, 32) * 0.1):
@@ -376,6 +377,7 @@ def test_compiled_quantizer_equals_the_eager_one():
 
 
 @needs_compiler
+@pytest.mark.slow  # compiling takes tens of seconds
 def test_a_compiled_kd_step_gives_the_eager_gradients():
     from transformer.config import parse_config
     cfg = parse_config(["--loss.attn_score_mse_weight", "0", "--loss.attn_prob_kl_weight", "1"])
