@@ -4,7 +4,8 @@
 #      (SEEDS="42 52", GAMMAS="0.5"): cache off, then disk (a fresh cache folder, so its one-off build is timed too);
 #   2. a 3-epoch STS-B map run (bf16), cache off vs disk.
 # usage: GLUE_DIR=../shared/data/glue bash results/teacher_cache/run_timing.sh      (from the repository root)
-# Skips variants whose runs are finished; writes results/teacher_cache/timing.jsonl; summary: python results/teacher_cache/summarize.py
+# Skips variants already timed; appends wall and CPU seconds (user + system of every process it started) to
+# results/teacher_cache/timing.jsonl. Summary: python results/teacher_cache/summarize.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-output/teacher_cache_timing}
@@ -14,14 +15,22 @@ common=(--train.threads 1 --train.precision bf16 --no-train.tensorboard)
 # the RTE teacher is made first, outside the timings
 [ -f models/rte/model.safetensors ] || "$PY" quant_task_glue.py rte "${common[@]}" --train.max_steps 1 --train.output_root "$OUT/teacher_warmup"
 
-timed() {  # name, then the command
+timed() {  # name, then the command: runs it, appends {name, wall_s, cpu_s, command, loadavg}
   local name=$1; shift
   if grep -q "\"name\": \"$name\"" "$LOG" 2>/dev/null; then echo "skip $name (timed already)"; return; fi
-  rm -rf "$OUT/$name"
-  local t0; t0=$(date +%s.%N)
-  "$@"
-  local t1; t1=$(date +%s.%N)
-  echo "{\"name\": \"$name\", \"wall_s\": $(echo "$t1 - $t0" | bc), \"command\": \"$*\"}" >> "$LOG"
+  rm -rf "${OUT:?}/$name"
+  "$PY" - "$name" "$LOG" "$@" <<'PYEOF'
+import json, os, resource, subprocess, sys, time
+name, log, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+t0, l0 = time.time(), os.getloadavg()
+subprocess.run(cmd, check=True)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+rec = {"name": name, "wall_s": round(time.time() - t0, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
+       "loadavg_start": l0, "loadavg_end": os.getloadavg(), "command": " ".join(cmd)}
+with open(log, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+print(rec)
+PYEOF
 }
 for mode in off disk; do
   timed "sweep-rte-$mode" env SEEDS="42 52" GAMMAS="0.5" bash run_mixing_param_sweep.sh rte base "${common[@]}" \

@@ -20,7 +20,7 @@ def main() -> None:
              "Made by `results/teacher_cache/run_timing.sh` (commands below) and `bench/cache_sizes.py`; this file by",
              "`python results/teacher_cache/summarize.py`. One thread per run, bf16 autocast, on this 2-core machine while",
              "other jobs shared it (wall times are of that machine state; each pair ran back to back).", "",
-             "| variant | wall time (s) | runs | dev score of each run (best) |", "|---|---|---|---|"]
+             "| variant | wall time (s) | CPU time (s) | runs | dev score of each run (best) |", "|---|---|---|---|---|"]
     for t in timings:
         runs = sorted(Path(args.runs, t["name"]).glob("*/*/result.json"))
         scores = []
@@ -28,15 +28,18 @@ def main() -> None:
             res = json.loads(r.read_text())
             sel = res["best"]["select_metric"]
             scores.append(f"{r.parent.name}: {sel} {100 * res['best']['metrics'][sel]:.2f}")
-        lines.append(f"| {t['name']} | {t['wall_s']:.0f} | {len(runs)} | {'; '.join(scores)} |")
+        lines.append(f"| {t['name']} | {t['wall_s']:.0f} | {t.get('cpu_s', float('nan')):.0f} | {len(runs)} | {'; '.join(scores)} |")
     pairs = {}
     for t in timings:
         base, mode = t["name"].rsplit("-", 1)
-        pairs.setdefault(base, {})[mode] = t["wall_s"]
-    lines += ["", "| experiment | cache off (s) | cache on, build included (s) | speed-up |", "|---|---|---|---|"]
+        pairs.setdefault(base, {})[mode] = t
+    lines += ["", "| experiment | cache off: wall / CPU (s) | cache on, build included: wall / CPU (s) | speed-up wall / CPU |",
+              "|---|---|---|---|"]
     for base, m in pairs.items():
         if "off" in m and "disk" in m:
-            lines.append(f"| {base} | {m['off']:.0f} | {m['disk']:.0f} | {m['off'] / m['disk']:.2f}× |")
+            a, b = m["off"], m["disk"]
+            lines.append(f"| {base} | {a['wall_s']:.0f} / {a['cpu_s']:.0f} | {b['wall_s']:.0f} / {b['cpu_s']:.0f} | "
+                         f"{a['wall_s'] / b['wall_s']:.2f}× / {a['cpu_s'] / b['cpu_s']:.2f}× |")
     lines += ["", "Commands:", ""] + [f"- `{t['name']}`: `{t['command']}`" for t in timings]
     sizes = HERE / "sizes.json"
     if sizes.exists():
