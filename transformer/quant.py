@@ -200,8 +200,11 @@ class ActFakeQuantizer(nn.Module):
         self.config, self.enabled = config, True
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input)
-        return quantize_activation(x.float(), self.config, valid) if self.enabled else x
+        # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input);
+        # fp64 stays fp64 (the export's parity reference runs the fake-quant model in float64)
+        if not self.enabled:
+            return x
+        return quantize_activation(x if x.dtype == torch.float64 else x.float(), self.config, valid)
 
     def extra_repr(self) -> str:
         return f"{self.config}, enabled={self.enabled}"
