@@ -48,7 +48,7 @@ FORMAT = "kdqat-packed/1"
 STUDENT_FILE = "student.w2a8.safetensors"
 ONNX_FILE = "model.onnx"
 OPSET = 25  # INT2 tensors
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # those present
 ACT_ROUNDING = ("codes = clamp(round_half_to_even(clamp(x, -clip, clip) / step), -n, n), n = 2^(bits-1) - 1, "
                 "step = max(max|clamp(x)|, 1e-30) / n over the tensor (granularity tensor) or the last dim (token), "
                 "padding left out of the max when exclude_padding; value = codes * step")
@@ -400,15 +400,30 @@ def build_onnx(student: Student):
     return _Builder(student).build()
 
 
+def build_linear_onnx(weight: PackedWeight, bias: Tensor, act: ActConfig | None, in_dims: int = 3):
+    """One quantized Linear (input quantizer + integer product) as an ONNX model: x (..., in) -> y (..., out)."""
+    from onnx import TensorProto, helper
+    st = Student(None, None, {"linear.weight": weight}, {"linear.bias": bias}, {"linear.act_in": act} if act else {})
+    b = _Builder(st)
+    y = b.linear(b.act("x", "linear.act_in", None), ["linear"])
+    b.g.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    dims = [f"d{i}" for i in range(in_dims - 1)]
+    graph = helper.make_graph(b.g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, weight.codes.shape[1]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, weight.codes.shape[0]])], b.g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Running it
 
-def onnx_session(path: str | Path, threads: int = 1):
+def onnx_session(model: str | Path | bytes, threads: int = 1):
+    """An onnxruntime CPU session of a model file (or serialized bytes), `threads` intra-op threads."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    so.log_severity_level = 3  # no warnings about constants a small graph leaves unused
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
 
 
 def onnx_logits(session, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -416,3 +431,121 @@ def onnx_logits(session, input_ids: Tensor, token_type_ids: Tensor, attention_ma
     feed = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
     out = session.run(["logits"], {k: v.to(torch.int64).numpy() for k, v in feed.items()})[0]
     return torch.from_numpy(out)
+
+
+def is_export_folder(path: str | Path) -> bool:
+    return (Path(path) / ONNX_FILE).is_file() and (Path(path) / "export.json").is_file()
+
+
+def _run_config(folder: Path, glue_dir: str | None) -> RunConfig:
+    cfg = RunConfig.from_dict(json.loads((folder / "run_config.json").read_text()))
+    if glue_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, glue_dir=glue_dir))
+    return cfg
+
+
+def _outputs(logits: Tensor) -> Tensor:
+    """Class index, or the score of a regression head, as `train.predict` reports it."""
+    return logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
+def evaluate_export(folder: str | Path, glue_dir: str | None = None, threads: int = 1) -> dict[str, float]:
+    """Dev metrics of an export folder through onnxruntime: the same batches (eval_batch_size, padding) and metrics
+    as `train.evaluate` on the PyTorch student, so the two are comparable number for number."""
+    import utils_glue
+    from transformer.data import eval_batches, eval_pad_to, load_task_data
+    from transformer.train import load_tokenizer
+    folder = Path(folder)
+    cfg = _run_config(folder, glue_dir)
+    session = onnx_session(folder / ONNX_FILE, threads)
+    data = load_task_data(cfg.data, load_tokenizer(folder), with_train=False)
+    metrics = {}
+    for i, (split, enc) in enumerate(data.dev.items()):
+        preds = torch.cat([_outputs(onnx_logits(session, b.input_ids, b.token_type_ids, b.attention_mask))
+                           for b in eval_batches(enc, cfg.train.eval_batch_size, eval_pad_to(cfg.data))])
+        m = utils_glue.compute_metrics(data.task, preds.float().numpy() if data.task.num_labels == 1 else preds.numpy(),
+                                       enc.labels)
+        metrics.update(m if i == 0 else {f"mm_{k}": v for k, v in m.items()})
+    return metrics
+
+
+@torch.no_grad()
+def parity(model: BertForGlue, model64: BertForGlue, session, batches) -> dict:
+    """Max |logit| differences over `batches`: ONNX vs the fp32 fake-quant model, and the fp32 fake-quant model vs
+    itself in float64 (the yardstick: how far fp32 rounding alone moves it); argmax agreement for classifiers."""
+    d_onnx = d_64 = d_onnx64 = 0.0
+    agree = n = 0
+    for b in batches:
+        ref = model(b.input_ids, b.token_type_ids, b.attention_mask).logits
+        r64 = model64(b.input_ids, b.token_type_ids, b.attention_mask).logits
+        got = onnx_logits(session, b.input_ids, b.token_type_ids, b.attention_mask)
+        d_onnx = max(d_onnx, (got - ref).abs().max().item())
+        d_64 = max(d_64, (r64 - ref.double()).abs().max().item())
+        d_onnx64 = max(d_onnx64, (r64 - got.double()).abs().max().item())
+        agree += int((_outputs(got) == _outputs(ref)).sum()) if ref.shape[-1] > 1 else 0
+        n += len(ref)
+    out = {"examples": n, "max_abs_logit_diff_onnx_vs_torch": d_onnx, "max_abs_logit_diff_torch_fp64_vs_fp32": d_64,
+           "max_abs_logit_diff_onnx_vs_torch_fp64": d_onnx64}
+    if model.shape.num_labels > 1:
+        out["argmax_agreement"] = agree / max(n, 1)
+    return out
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    from transformer.rundir import git_sha
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "opset": OPSET, "git_sha": git_sha()}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, glue_dir: str | None = None,
+               parity_examples: int = 256) -> dict:
+    """Write RUN_DIR/export/ (see the module docstring) and return what export.json holds. The parity figures use the
+    first `parity_examples` dev examples in the evaluation's batches (random tokens when the GLUE data is absent)."""
+    import onnx
+    from transformer.data import Batch, eval_batches, eval_pad_to, load_task_data
+    from transformer.train import load_run, load_tokenizer
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    model, cfg = load_run(run_dir)
+    model.eval()
+    if glue_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, glue_dir=glue_dir))
+    save_student(student_from_model(model, cfg.quant), out / STUDENT_FILE)
+    student = load_student(out / STUDENT_FILE)  # the graph is built from what the file holds
+    onnx.save(build_onnx(student), str(out / ONNX_FILE))
+    for name in (*TOKENIZER_FILES, "run_config.json", "config.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+
+    t0 = time.perf_counter()
+    session = onnx_session(out / ONNX_FILE)
+    model64 = load_run(run_dir)[0].eval().double()
+    try:
+        enc = next(iter(load_task_data(cfg.data, load_tokenizer(run_dir), with_train=False).dev.values()))
+        batches, seen = [], 0
+        for b in eval_batches(enc, cfg.train.eval_batch_size, eval_pad_to(cfg.data)):  # whole evaluation batches:
+            if seen >= parity_examples:                                               # the per-tensor scales see
+                break                                                                 # what the evaluation sees
+            batches.append(b)
+            seen += len(b.input_ids)
+        source = "dev"
+    except Exception as e:  # no GLUE data here: random token batches still check the graph against the model
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, model.shape.vocab_size, (8, 64), generator=g)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        mask[1:, 40:] = False
+        batches, source = [Batch(ids, torch.zeros_like(ids), mask, torch.zeros(8))], f"random tokens ({type(e).__name__})"
+    report = parity(model, model64, session, batches)
+    fp32_bytes = sum(v.numel() * 4 for v in model.state_dict().values())
+    sizes = {"fp32_state_dict_bytes": fp32_bytes, "run_model_safetensors_bytes": (run_dir / "model.safetensors").stat().st_size, "student_w2a8_bytes": (out / STUDENT_FILE).stat().st_size,
+             "onnx_bytes": (out / ONNX_FILE).stat().st_size}
+    sizes["compression_vs_fp32"] = fp32_bytes / sizes["student_w2a8_bytes"]
+    info = {"run_dir": str(run_dir), "task": cfg.data.task, "quant": dataclasses.asdict(cfg.quant),
+            "activation_quantizer": ACT_ROUNDING, "sizes": sizes, "parity": {**report, "source": source,
+            "seconds": round(time.perf_counter() - t0, 1)}, "versions": _versions()}
+    (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
