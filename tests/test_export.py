@@ -176,6 +176,7 @@ def test_minilm_onnx_matches_the_fake_quant_model(variant):
     cfg = QuantConfig(**QUANT_VARIANTS[variant])
     torch.manual_seed(0)
     model = quantize_model(load_bert(MINILM, num_labels=3, new_classifier=True), cfg).eval()
+    nn.init.normal_(model.classifier.weight, std=0.5)  # HF's 0.02 init leaves near-ties that any rounding flips
     model64 = quantize_model(load_bert(MINILM, num_labels=3, new_classifier=True), cfg)
     model64.load_state_dict(model.state_dict())
     model64 = model64.eval().double()
@@ -184,8 +185,8 @@ def test_minilm_onnx_matches_the_fake_quant_model(variant):
     texts = ["a man is playing a guitar.", "the quick brown fox jumps over the lazy dog, twice.", "hello",
              "ternary weights and eight-bit activations make a small and fast encoder"]
     batches = []
-    for i in range(0, len(texts), 2):
-        enc = tok(texts[i:i + 2], texts[i + 1:i + 3][::-1] or None, padding=True, return_tensors="pt")
+    for first, second in ((texts[:2], texts[2:]), (texts[1:], None)):  # a batch of pairs, one of single sentences
+        enc = tok(first, second, padding=True, return_tensors="pt")
         batches.append(type("B", (), {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
                                       "attention_mask": enc["attention_mask"].bool()})())
     report = E.parity(model, model64, session, batches)
