@@ -83,6 +83,29 @@ def test_packed_file_gives_the_fake_quant_weights_bit_for_bit(tiny_base, tmp_pat
     assert packed_bytes == sum(-(-w.codes.numel() * weight_bits // 8) for w in loaded.weights.values())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+@pytest.mark.parametrize("exclude_padding", [False, True])
+@pytest.mark.parametrize("clip", [2.5, None])
+@pytest.mark.parametrize("signed", [False, True])
+def test_onnx_activation_quantizer_gives_the_training_codes_exactly(bits, granularity, exclude_padding, clip, signed):
+    spec = ActConfig(bits, clip, granularity, exclude_padding)
+    x = torch.randn(3, 9, 40) * 1.5
+    x[0, 0, :3] = torch.tensor([4.0, -4.0, -2.5])  # beyond the clip
+    x[2, 1] = 0  # a zero token
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[2, 4:] = False
+    x[1, 7] *= 9  # padding beyond the valid max
+    session = E.onnx_session(E.build_act_onnx(spec, signed).SerializeToString())
+    codes, step = session.run(None, {"x": x.numpy(), "mask": valid[:, :, None].float().numpy()})
+    ref, _, ref_step = symmetric_codes(x, bits, clip, None if granularity == "tensor" else (-1,),
+                                       valid[:, :, None] if exclude_padding else None)
+    got = torch.from_numpy(codes).to(torch.int16) - (0 if signed else 128)
+    assert torch.equal(got, ref.to(torch.int16))
+    assert torch.equal(torch.from_numpy(step).reshape(ref_step.shape), ref_step)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
 @pytest.mark.parametrize("shape", [(32, 37), (384, 96)])
 def test_one_quantized_linear_through_onnx(granularity, shape):

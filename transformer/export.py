@@ -232,20 +232,23 @@ class _Builder:
         else:
             m = g.op("ReduceMax", a, keepdims=0)
         clip = spec.clip if not (nonneg and spec.clip is not None and spec.clip >= 1 and mask is None) else None
-        if clip is not None:
-            m = g.op("Min", m, g.const(clip))  # = max|clamp(x, ±clip)|
-        m = g.op("Max", m, self.floor)
-        step = g.op("Div", m, g.const(2 ** (spec.bits - 1) - 1), hint="step")
-        if clip is not None or mask is not None:
-            # clamp(x, ±m): equals the ±clip clamp for valid entries (|clamp(x)| ≤ m), and saturates padding beyond
-            # the valid max at ±n as the training quantizer's clamp of the codes does (round(m / step) = n)
-            lo = g.op("Neg", m)
-            x = g.op("Clip", x, lo, m) if not per_token else g.op("Min", g.op("Max", x, lo), m)
-        zp = self.zp_i8 if signed else self.zp_u8
+        # max|clamp(x, ±clip)| = min(max|x|, clip), floored at 1e-30 (no NaN for an all-zero slice): one scalar op
+        m = g.op("Clip", m, self.floor, *([g.const(clip)] if clip is not None else []))
+        n = 2 ** (spec.bits - 1) - 1
+        step = g.op("Div", m, g.const(n), hint="step")
+        zp, zero = (self.zp_i8, 0) if signed else (self.zp_u8, 128)
         if per_token:  # QuantizeLinear takes a scalar or 1-D scale: divide here, then quantize with scale 1 (exact)
             codes = g.op("QuantizeLinear", g.op("Div", x, step), self.one, zp, hint="codes")
         else:
             codes = g.op("QuantizeLinear", x, step, zp, hint="codes")
+        if clip is not None or mask is not None:
+            # Entries beyond the clip (or padding beyond the valid max) quantize past ±n; QuantizeLinear saturates
+            # them at the integer type's ends, and this clamps the codes to ±n, so every such entry gets ±n, the code
+            # training gives it (round(clip / Δ) = n; padding codes are clamped to ±n). On the int codes: 1 byte per
+            # element instead of a float clamp of x before quantizing. For 8 bits only -128 lies beyond -n = -127.
+            dtype = np.int8 if signed else np.uint8
+            hi = [] if spec.bits == 8 else [g.const(zero + n, dtype)]
+            codes = g.op("Clip", codes, g.const(zero - n, dtype), *hi)
         return _Act(codes=codes, step=step)
 
     def value(self, a: _Act) -> str:
@@ -410,6 +413,21 @@ def build_linear_onnx(weight: PackedWeight, bias: Tensor, act: ActConfig | None,
     dims = [f"d{i}" for i in range(in_dims - 1)]
     graph = helper.make_graph(b.g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, weight.codes.shape[1]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, weight.codes.shape[0]])], b.g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def build_act_onnx(spec: ActConfig, signed: bool = False):
+    """One activation quantizer as an ONNX model: x (B, S, D) float and mask (B, S, 1) 0/1 float (read only under
+    exclude_padding) -> codes (uint8 = code + 128, or int8 when signed) and step."""
+    from onnx import TensorProto, helper
+    b = _Builder(Student(None, None, {}, {}, {"q": spec}))
+    a = b.act("x", "q", "mask", signed=signed)
+    b.g.nodes += [helper.make_node("Identity", [a.codes], ["codes"]), helper.make_node("Identity", [a.step], ["step"])]
+    graph = helper.make_graph(b.g.nodes, "act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "D"]),
+                                                 helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", "S", 1])],
+                              [helper.make_tensor_value_info("codes", TensorProto.INT8 if signed else TensorProto.UINT8,
+                                                             None), helper.make_tensor_value_info("step", TensorProto.FLOAT, None)],
+                              b.g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
