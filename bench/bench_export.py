@@ -13,7 +13,8 @@ weights, which quantize to random ternary codes: speed and size do not depend on
   ort W2A8          our export (`transformer.export`): 2-bit weights on disk, int8 MatMulInteger at run time
 Times are medians over interleaved repeats (configurations in rotating order), one thread (torch and onnxruntime).
 Peak memory is the RSS high-water mark (VmHWM) of a fresh process that loads one configuration and runs batch 8, above
-the same process's RSS after its imports. Sizes are the files each configuration loads (fp32 / bf16: safetensors).
+the same process's RSS after its imports (for the torch rows the load itself sets it: checkpoint + model); the RSS
+after loading is stored too. Sizes are the files each configuration loads (fp32 / bf16: safetensors).
 A profile of the W2A8 graph (batch 1) splits its time by ONNX op type. Other jobs on the machine skew the timings: the
 header prints the load average.
 """
@@ -130,8 +131,10 @@ def status(k):
     return int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) / 1024
 base = status('VmRSS:')
 run = B.runner({row!r}, {name!r}, B.Path({str(folder)!r}))
+loaded = status('VmRSS:') - base
 run(*B.inputs(30522, 8, {seq}))
-print(json.dumps({{"peak_mib": status('VmHWM:') - base, "abs_peak_mib": status('VmHWM:')}}))
+print(json.dumps({{"peak_mib": status('VmHWM:') - base, "resident_after_load_mib": loaded,
+                  "abs_peak_mib": status('VmHWM:')}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -186,15 +189,17 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][name] = {"ms": times, "bytes": sizes, "memory": memory, "w2a8_profile_pct": profile}
             fp1, fp8 = times[1]["torch fp32"], times[8]["torch fp32"]
             print(f"\n## {name}: seq {args.seq}, 1 thread, median ms (speed-up vs torch fp32)")
-            print(f"| {'configuration':<18} | {'batch 1':>16} | {'batch 8':>16} | {'file MB':>8} | {'peak MiB (b8)':>13} |")
-            print(f"|{'-' * 20}|{'-' * 18}|{'-' * 18}|{'-' * 10}|{'-' * 15}|")
+            print(f"| {'configuration':<18} | {'batch 1':>16} | {'batch 8':>16} | {'file MB':>8} | {'peak MiB (b8)':>13} |"
+                  f" {'loaded MiB':>10} |")
+            print(f"|{'-' * 20}|{'-' * 18}|{'-' * 18}|{'-' * 10}|{'-' * 15}|{'-' * 12}|")
             for row in ROWS:
                 mem = f"{memory[row]['peak_mib']:.0f}" if row in memory else "-"
+                loaded = f"{memory[row]['resident_after_load_mib']:.0f}" if row in memory else "-"
                 size = sizes[row] / 1e6
                 print(f"| {row:<18} | {times[1][row]:8.1f} ({fp1 / times[1][row]:4.1f}×) | "
-                      f"{times[8][row]:8.1f} ({fp8 / times[8][row]:4.1f}×) | {size:8.1f} | {mem:>13} |")
+                      f"{times[8][row]:8.1f} ({fp8 / times[8][row]:4.1f}×) | {size:8.1f} | {mem:>13} | {loaded:>10} |")
             print(f"| {'packed W2A8 file':<18} | {'':>16} | {'':>16} | {sizes['packed W2A8 (safetensors)'] / 1e6:8.1f} | "
-                  f"{'':>13} |  ({sizes['torch fp32'] / sizes['packed W2A8 (safetensors)']:.1f}× smaller than fp32)")
+                  f"{'':>13} | {'':>10} |  ({sizes['torch fp32'] / sizes['packed W2A8 (safetensors)']:.1f}× smaller than fp32)")
             print("W2A8 time by op (%):", ", ".join(f"{k} {v}" for k, v in list(profile.items())[:10]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,12 @@ def test_export_run_writes_the_folder_and_evaluates_like_the_torch_student(tiny_
         assert onnx_metrics[k] == pytest.approx(torch_metrics[k], abs=1e-4), k
 
 
+def test_export_without_glue_data_checks_parity_on_random_tokens(tiny_run, tmp_path):
+    info = E.export_run(tiny_run, tmp_path / "export", glue_dir=str(tmp_path / "no_glue"))
+    assert info["parity"]["source"].startswith("random tokens") and info["parity"]["examples"] == 8
+    assert E.is_export_folder(tmp_path / "export")
+
+
 @pytest.mark.slow
 @needs_minilm
 @pytest.mark.parametrize("variant", ["tensor", "token"])
@@ -216,3 +222,16 @@ def test_minilm_onnx_matches_the_fake_quant_model(variant):
     print(variant, report)
     assert report["argmax_agreement"] == 1.0
     assert report["max_abs_logit_diff_onnx_vs_torch"] <= 2 * report["max_abs_logit_diff_torch_fp64_vs_fp32"] + 1e-6
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_bench_export_quick_writes_every_row(tmp_path):
+    import sys
+    from tests.conftest import REPO
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_export
+    assert bench_export.main(["--quick", "--out", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())["models"]["minilm"]
+    assert set(res["ms"]["1"]) == set(bench_export.ROWS) and all(v > 0 for v in res["ms"]["8"].values())
+    assert res["bytes"]["packed W2A8 (safetensors)"] * 10 < res["bytes"]["torch fp32"]

@@ -522,6 +522,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, glue_dir:
     """Write RUN_DIR/export/ (see the module docstring) and return what export.json holds. The parity figures use the
     first `parity_examples` dev examples in the evaluation's batches (random tokens when the GLUE data is absent)."""
     import onnx
+    import utils_glue
     from transformer.data import Batch, eval_batches, eval_pad_to, load_task_data
     from transformer.train import load_run, load_tokenizer
     run_dir = Path(run_dir)
@@ -550,7 +551,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, glue_dir:
             batches.append(b)
             seen += len(b.input_ids)
         source = "dev"
-    except Exception as e:  # no GLUE data here: random token batches still check the graph against the model
+    except (utils_glue.DataError, OSError) as e:  # no GLUE data here: random tokens still check the graph
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(5, model.shape.vocab_size, (8, 64), generator=g)
         mask = torch.ones_like(ids, dtype=torch.bool)
