@@ -22,8 +22,9 @@
 Why the graph is written with `onnx.helper` instead of `torch.onnx.export` + surgery: the graph we want is not the
 traced fake-quant graph (float Round/Div chains) but a different, integer one: uint8 activations with zero point 128
 (signed int8 × int8 MatMulInteger is ~40× slower on CPU), INT2 initializers, a per-tensor or per-token dynamic scale
-computed by ReduceMax, Q/K/V fused into one MatMulInteger. Rewriting a traced graph into that would be more code than
-writing it (about 200 lines below), and tracing would tie the export to the training code's speed paths.
+computed by ReduceMax, integer attention products whose scales factor per query row / key column. Rewriting a traced
+graph into that would be more code than writing it (about 200 lines below), and tracing would tie the export to the
+training code's speed paths (`transformer.fast`) and its autograd functions.
 """
 from __future__ import annotations
 
@@ -270,24 +271,19 @@ class _Builder:
         return out
 
     # -- linears -----------------------------------------------------------------------------
-    def linear(self, x: _Act, names: list[str]) -> str:
-        """y = x Wᵀ + b for one Linear, or for several sharing x (Q, K, V: weights concatenated, one product)."""
+    def linear(self, x: _Act, name: str) -> str:
+        """y = x Wᵀ + b of Linear `name`: integer when its weight and input are quantized, else fp32."""
         g, st = self.g, self.st
-        bias = torch.cat([st.tensors[f"{n}.bias"] for n in names])
-        packed = [st.weights.get(f"{n}.weight") for n in names]
-        if x.codes is not None and all(p is not None for p in packed):
-            codes = torch.cat([p.codes for p in packed]).t().contiguous()  # (in, out): MatMulInteger's B
-            bits = max(p.bits for p in packed)
-            w = g.op("Cast", g.packed(codes, bits, "w"), to=self.T.INT8)  # folded to an int8 constant at load
-            acc = g.op("MatMulInteger", x.codes, w, self.zp_u8)
-            alpha = torch.cat([p.scale.reshape(-1).expand(len(st.tensors[f"{n}.bias"])) for p, n in zip(packed, names)])
-            alpha = g.tensor(alpha[0] if alpha.unique().numel() == 1 and len(names) == 1 else alpha, "alpha")
+        packed, bias = st.weights.get(f"{name}.weight"), g.tensor(st.tensors[f"{name}.bias"], "bias")
+        if x.codes is not None and packed is not None:
+            w = g.op("Cast", g.packed(packed.codes.t().contiguous(), packed.bits, "w"), to=self.T.INT8)  # (in, out),
+            acc = g.op("MatMulInteger", x.codes, w, self.zp_u8)  # cast to an int8 constant when onnxruntime loads it
             # the fake-quant linear is (codes·Δ)(w·α) summed in fp32; here the exact integer sum times Δ·α
-            y = self.scaled(acc, x.step, alpha, x.per_token)
+            y = self.scaled(acc, x.step, g.tensor(packed.scale.reshape(()), "alpha"), x.per_token)
         else:
-            w = torch.cat([p.value() if p is not None else st.tensors[f"{n}.weight"] for p, n in zip(packed, names)])
+            w = packed.value() if packed is not None else st.tensors[f"{name}.weight"]
             y = g.op("MatMul", self.value(x), g.tensor(w.t().contiguous(), "w"))
-        return g.op("Add", y, g.tensor(bias, "bias"))
+        return g.op("Add", y, bias)
 
     # -- the model ---------------------------------------------------------------------------
     def build(self):
@@ -322,8 +318,8 @@ class _Builder:
             p = f"bert.encoder.layer.{i}"
             sa, so = f"{p}.attention.self", f"{p}.attention.output"
             x = self.act(h, f"{sa}.act_in", tok_mask)
-            qkv = self.linear(x, [f"{sa}.query", f"{sa}.key", f"{sa}.value"])
-            q, k, v = self._split3(qkv, D)
+            # three products of one quantized input: faster in onnxruntime than one fused QKV product and a Split
+            q, k, v = (self.linear(x, f"{sa}.{n}") for n in ("query", "key", "value"))
             qa = self.act(q, f"{sa}.act_q", tok_mask)
             ka = self.act(k, f"{sa}.act_k", tok_mask, signed=True)
             va = self.act(v, f"{sa}.act_v", tok_mask, signed=True)
@@ -349,15 +345,15 @@ class _Builder:
             else:
                 ctx = g.op("MatMul", self.value(pa), to_heads(self.value(va), [0, 2, 1, 3]))
             ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, D], np.int64))  # (B, S, D)
-            sa_out = self.linear(self.act(ctx, f"{so}.act_in", tok_mask), [f"{so}.dense"])
+            sa_out = self.linear(self.act(ctx, f"{so}.act_in", tok_mask), f"{so}.dense")
             attn_output = self.layer_norm(g.op("Add", sa_out, h), f"{so}.LayerNorm")
-            inter = self.linear(self.act(attn_output, f"{p}.intermediate.act_in", tok_mask), [f"{p}.intermediate.dense"])
+            inter = self.linear(self.act(attn_output, f"{p}.intermediate.act_in", tok_mask), f"{p}.intermediate.dense")
             inter = g.op("Gelu", inter)  # exact (erf) GELU, as F.gelu
-            out = self.linear(self.act(inter, f"{p}.output.act_in", tok_mask), [f"{p}.output.dense"])
+            out = self.linear(self.act(inter, f"{p}.output.act_in", tok_mask), f"{p}.output.dense")
             h = self.layer_norm(g.op("Add", out, attn_output), f"{p}.output.LayerNorm")
 
         cls = g.op("Gather", h, g.const(0, np.int64), axis=1)  # (B, D) [CLS]
-        pooled = g.op("Tanh", self.linear(self.act(cls, "bert.pooler.act_in", None), ["bert.pooler.dense"]))
+        pooled = g.op("Tanh", self.linear(self.act(cls, "bert.pooler.act_in", None), "bert.pooler.dense"))
         logits = g.op("Add", g.op("MatMul", pooled, g.tensor(t["classifier.weight"].t().contiguous(), "cls_w")),
                       g.tensor(t["classifier.bias"], "cls_b"), hint="logits")
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
@@ -384,13 +380,6 @@ class _Builder:
         col = self.g.op("Unsqueeze", a.step, self.g.const([1], np.int64))  # (B, 1, S, 1)
         return col if rows else self.g.op("Transpose", col, perm=[0, 1, 3, 2])
 
-    def _split3(self, x: str, d: int) -> tuple[str, str, str]:
-        from onnx import helper
-        outs = [self.g.name(n) for n in ("q", "k", "v")]
-        self.g.nodes.append(helper.make_node("Split", [x, self.g.const([d, d, d], np.int64)], outs, axis=-1,
-                                             name=outs[0]))
-        return tuple(outs)
-
     def layer_norm(self, x: str, name: str) -> str:
         t = self.st.tensors
         return self.g.op("LayerNormalization", x, self.g.tensor(t[f"{name}.weight"], "ln_w"),
@@ -408,7 +397,7 @@ def build_linear_onnx(weight: PackedWeight, bias: Tensor, act: ActConfig | None,
     from onnx import TensorProto, helper
     st = Student(None, None, {"linear.weight": weight}, {"linear.bias": bias}, {"linear.act_in": act} if act else {})
     b = _Builder(st)
-    y = b.linear(b.act("x", "linear.act_in", None), ["linear"])
+    y = b.linear(b.act("x", "linear.act_in", None), "linear")
     b.g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     dims = [f"d{i}" for i in range(in_dims - 1)]
     graph = helper.make_graph(b.g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, weight.codes.shape[1]])],
