@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     header = {"cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(), "threads": 1,
               "seq": args.seq, "repeats": args.repeats, "versions": E._versions(),
-              "note": "one thread each; a background training job shared the 2-core machine during this run"}
+              "note": "one thread each; other jobs (training runs, test suites) shared the 2-core machine during this run"}
     print(f"# {json.dumps(header)}")
     results = {"header": header, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {'packed W2A8 file':<18} | {'':>16} | {'':>16} | {sizes['packed W2A8 (safetensors)'] / 1e6:8.1f} | "
                   f"{'':>13} | {'':>10} |  ({sizes['torch fp32'] / sizes['packed W2A8 (safetensors)']:.1f}× smaller than fp32)")
             print("W2A8 time by op (%):", ", ".join(f"{k} {v}" for k, v in list(profile.items())[:10]))
+    header["load_average_end"] = os.getloadavg()
+    print(f"# load average at the end: {header['load_average_end']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
