@@ -136,7 +136,7 @@ def _batches(vocab: int, n: int = 4):
     g = torch.Generator().manual_seed(1)
     out = []
     for i in range(n):
-        B, S = 4, 12 + 3 * i
+        B, S = 4, 12 + (5 * i) % 40
         ids = torch.randint(5, vocab, (B, S), generator=g)
         mask = torch.ones(B, S, dtype=torch.bool)
         mask[1, S - 4:] = False
@@ -148,7 +148,10 @@ def _batches(vocab: int, n: int = 4):
 
 QUANT_VARIANTS = {"tensor": {}, "token": {"act_granularity": "token"}, "exclude_padding": {"act_exclude_padding": True},
                   "token_exclude_padding": {"act_granularity": "token", "act_exclude_padding": True},
-                  "w4": {"weight_bits": 4}, "no_attn_acts": {"attn_acts": False}, "no_act_clip": {"act_clip": False}}
+                  "w4": {"weight_bits": 4}, "w8": {"weight_bits": 8}, "no_attn_acts": {"attn_acts": False},
+                  "no_act_clip": {"act_clip": False},
+                  "fp_qkv_embeddings_pooler": {"qkv": False, "embeddings": False, "pooler": False},
+                  "fp": {"enabled": False}}
 
 
 @pytest.mark.parametrize("variant", list(QUANT_VARIANTS))
@@ -157,11 +160,18 @@ def test_whole_model_onnx_matches_the_fake_quant_model(tiny_base, variant):
     model = quantize_model(load_bert(tiny_base), cfg).eval()
     model64 = quantize_model(load_bert(tiny_base), cfg).eval().double()
     session = E.onnx_session(E.build_onnx(E.student_from_model(model, cfg)).SerializeToString())
-    report = E.parity(model, model64, session, _batches(model.shape.vocab_size))
+    report = E.parity(model, model64, session, _batches(model.shape.vocab_size, 32))
     print(variant, report)
+    assert_parity(report)
+
+
+def assert_parity(report: dict):
+    """ONNX and PyTorch are two fp32 roundings of one function, as fp32 and fp64 PyTorch are: fp32 noise, plus now and
+    then an activation code one step off (a flip, see `export.parity`) — about as often as between fp32 and fp64.
+    A wrong scale, zero point or saturation would show as differences on every example."""
     assert report["argmax_agreement"] == 1.0
-    # ONNX and PyTorch are two fp32 roundings of one function: each is about as far from it as fp32 is from fp64
-    assert report["max_abs_logit_diff_onnx_vs_torch"] <= 2 * report["max_abs_logit_diff_torch_fp64_vs_fp32"] + 1e-7
+    flips, yardstick = report["examples_with_a_code_flip_onnx_vs_torch"], report["examples_with_a_code_flip_torch_fp64_vs_fp32"]
+    assert flips <= 2 * yardstick + 0.05 * report["examples"]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +189,7 @@ def test_export_run_writes_the_folder_and_evaluates_like_the_torch_student(tiny_
         assert (out / f).is_file(), f
     info = json.loads((out / "export.json").read_text())
     assert info["sizes"]["compression_vs_fp32"] > 1 and info["parity"]["source"] == "dev"
-    assert info["parity"]["max_abs_logit_diff_onnx_vs_torch"] <= 2 * info["parity"]["max_abs_logit_diff_torch_fp64_vs_fp32"] + 1e-6
+    assert info["parity"]["examples_with_a_code_flip_onnx_vs_torch"] <= 2 + 2 * info["parity"]["examples_with_a_code_flip_torch_fp64_vs_fp32"]
     capsys.readouterr()
     flags = ["--data.glue_dir", str(glue_dir)]
     assert quant_task_glue.main(["--evaluate", str(tiny_run), *flags]) == 0
@@ -221,7 +231,8 @@ def test_minilm_onnx_matches_the_fake_quant_model(variant):
     report = E.parity(model, model64, session, batches)
     print(variant, report)
     assert report["argmax_agreement"] == 1.0
-    assert report["max_abs_logit_diff_onnx_vs_torch"] <= 2 * report["max_abs_logit_diff_torch_fp64_vs_fp32"] + 1e-6
+    # six layers of 384-wide activations: every example has some flipped codes, in fp64 as in ONNX; compare sizes
+    assert report["max_abs_logit_diff_onnx_vs_torch"] <= 2 * report["max_abs_logit_diff_torch_fp64_vs_fp32"]
 
 
 @pytest.mark.slow
