@@ -226,8 +226,8 @@ class _Act:
     value: str | None = None   # float tensor
     codes: str | None = None   # uint8 (zero point 128) or int8 (zero point 0)
     step: str | None = None    # () per tensor, (..., 1) per token
-    codes_unsigned: bool = True
-    per_token: bool = False
+    codes_unsigned: bool = True  # uint8 codes + 128 (else int8)
+    per_token: bool = False      # step (B, S, 1) / (B, H, S, 1) instead of ()
 
 
 class _Builder:
@@ -270,7 +270,7 @@ class _Builder:
             dtype = np.int8 if signed else np.uint8
             hi = [] if spec.bits == 8 else [g.const(zero + n, dtype)]
             codes = g.op("Clip", codes, g.const(zero - n, dtype), *hi)
-        return _Act(codes=codes, step=step)
+        return _Act(codes=codes, step=step, codes_unsigned=not signed, per_token=per_token)
 
     def value(self, a: _Act) -> str:
         """The float value (codes − zero point) · step, bit for bit the fake-quant activation."""
@@ -286,9 +286,7 @@ class _Builder:
         spec = self.st.acts.get(slot)
         if spec is None:
             return _Act(value=x)
-        out = self.quantize(x, spec, mask if spec.exclude_padding else None, signed, nonneg)
-        out.codes_unsigned, out.per_token = not signed, spec.granularity == "token"
-        return out
+        return self.quantize(x, spec, mask if spec.exclude_padding else None, signed, nonneg)
 
     # -- linears -----------------------------------------------------------------------------
     def linear(self, x: _Act, name: str) -> str:
