@@ -10,7 +10,7 @@ import export_student
 import quant_task_glue
 from transformer import export as E
 from transformer.config import QuantConfig
-from transformer.data import collate
+from transformer.data import Batch
 from transformer.model import load_bert
 from transformer.quant import (ActConfig, QuantLinear, TernaryWeightConfig, quant_plan, quantize_activation,
                                quantize_model, symmetric_codes, ternary_codes, ternary_values)
@@ -141,14 +141,15 @@ def _batches(vocab: int, n: int = 4):
         mask = torch.ones(B, S, dtype=torch.bool)
         mask[1, S - 4:] = False
         mask[3, 5:] = False
-        out.append(type("B", (), {"input_ids": ids * mask, "token_type_ids": (torch.arange(S) > S // 2).long().expand(B, S) * mask,
-                                  "attention_mask": mask})())
+        types = (torch.arange(S) > S // 2).long().expand(B, S) * mask  # a second segment
+        out.append(Batch(ids * mask, types, mask, torch.zeros(B)))
     return out
 
 
 QUANT_VARIANTS = {"tensor": {}, "token": {"act_granularity": "token"}, "exclude_padding": {"act_exclude_padding": True},
                   "token_exclude_padding": {"act_granularity": "token", "act_exclude_padding": True},
-                  "w4": {"weight_bits": 4}, "w8": {"weight_bits": 8}, "no_attn_acts": {"attn_acts": False},
+                  "w4": {"weight_bits": 4}, "w8": {"weight_bits": 8}, "a4": {"input_bits": 4},
+                  "no_attn_acts": {"attn_acts": False},
                   "no_act_clip": {"act_clip": False},
                   "fp_qkv_embeddings_pooler": {"qkv": False, "embeddings": False, "pooler": False},
                   "fp": {"enabled": False}}
@@ -189,7 +190,8 @@ def test_export_run_writes_the_folder_and_evaluates_like_the_torch_student(tiny_
         assert (out / f).is_file(), f
     info = json.loads((out / "export.json").read_text())
     assert info["sizes"]["compression_vs_fp32"] > 1 and info["parity"]["source"] == "dev"
-    assert info["parity"]["examples_with_a_code_flip_onnx_vs_torch"] <= 2 + 2 * info["parity"]["examples_with_a_code_flip_torch_fp64_vs_fp32"]
+    p = info["parity"]
+    assert p["examples_with_a_code_flip_onnx_vs_torch"] <= 2 + 2 * p["examples_with_a_code_flip_torch_fp64_vs_fp32"]
     capsys.readouterr()
     flags = ["--data.glue_dir", str(glue_dir)]
     assert quant_task_glue.main(["--evaluate", str(tiny_run), *flags]) == 0
@@ -226,8 +228,7 @@ def test_minilm_onnx_matches_the_fake_quant_model(variant):
     batches = []
     for first, second in ((texts[:2], texts[2:]), (texts[1:], None)):  # a batch of pairs, one of single sentences
         enc = tok(first, second, padding=True, return_tensors="pt")
-        batches.append(type("B", (), {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
-                                      "attention_mask": enc["attention_mask"].bool()})())
+        batches.append(Batch(enc["input_ids"], enc["token_type_ids"], enc["attention_mask"].bool(), torch.zeros(2)))
     report = E.parity(model, model64, session, batches)
     print(variant, report)
     assert report["argmax_agreement"] == 1.0

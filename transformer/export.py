@@ -418,8 +418,10 @@ def build_linear_onnx(weight: PackedWeight, bias: Tensor, act: ActConfig | None,
     y = b.linear(b.act("x", "linear.act_in", None), "linear")
     b.g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     dims = [f"d{i}" for i in range(in_dims - 1)]
-    graph = helper.make_graph(b.g.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, weight.codes.shape[1]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, weight.codes.shape[0]])], b.g.inits)
+    out_features, in_features = weight.codes.shape
+    graph = helper.make_graph(b.g.nodes, "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, in_features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, out_features])], b.g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -430,11 +432,11 @@ def build_act_onnx(spec: ActConfig, signed: bool = False):
     b = _Builder(Student(None, None, {}, {}, {"q": spec}))
     a = b.act("x", "q", "mask", signed=signed)
     b.g.nodes += [helper.make_node("Identity", [a.codes], ["codes"]), helper.make_node("Identity", [a.step], ["step"])]
-    graph = helper.make_graph(b.g.nodes, "act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "D"]),
-                                                 helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", "S", 1])],
-                              [helper.make_tensor_value_info("codes", TensorProto.INT8 if signed else TensorProto.UINT8,
-                                                             None), helper.make_tensor_value_info("step", TensorProto.FLOAT, None)],
-                              b.g.inits)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "D"]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", "S", 1])]
+    outputs = [helper.make_tensor_value_info("codes", TensorProto.INT8 if signed else TensorProto.UINT8, None),
+               helper.make_tensor_value_info("step", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(b.g.nodes, "act", inputs, outputs, b.g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -582,7 +584,9 @@ def _export_run(run_dir: Path, out: Path, glue_dir: str | None, parity_examples:
         batches, source = [Batch(ids, torch.zeros_like(ids), mask, torch.zeros(8))], f"random tokens ({type(e).__name__})"
     report = parity(model, model64, session, batches)
     fp32_bytes = sum(v.numel() * 4 for v in model.state_dict().values())
-    sizes = {"fp32_state_dict_bytes": fp32_bytes, "run_model_safetensors_bytes": (run_dir / "model.safetensors").stat().st_size, "student_w2a8_bytes": (out / STUDENT_FILE).stat().st_size,
+    sizes = {"fp32_state_dict_bytes": fp32_bytes,
+             "run_model_safetensors_bytes": (run_dir / "model.safetensors").stat().st_size,
+             "student_w2a8_bytes": (out / STUDENT_FILE).stat().st_size,
              "onnx_bytes": (out / ONNX_FILE).stat().st_size}
     sizes["compression_vs_fp32"] = fp32_bytes / sizes["student_w2a8_bytes"]
     info = {"run_dir": str(run_dir), "task": cfg.data.task, "quant": dataclasses.asdict(cfg.quant),
