@@ -3,6 +3,7 @@
 
     python quant_task_glue.py sts-b --loss.attn_score_mse_weight 0 --loss.attn_prob_kl_weight 1
     python quant_task_glue.py --evaluate output/sts-b/<run name>     # re-evaluate a saved student
+    python quant_task_glue.py --evaluate output/sts-b/<run name>/export   # its ONNX export, through onnxruntime
 
 Every flag is generated from the dataclasses in transformer/config.py (the only place defaults live).
 If the teacher folder (default models/<task>) is empty, a full-precision teacher is fine-tuned first.
@@ -18,6 +19,7 @@ import sys
 import utils_glue
 from transformer.config import ConfigError, build_parser, config_from_args, resolve, run_name
 from transformer.distributed import DeviceError
+from transformer.export import evaluate_export, is_export_folder
 from transformer.model import CheckpointError
 from transformer.train import NonFiniteError, RunError, RunInterrupted, evaluate_run, run_folder, train
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "evaluate", None):
             glue_dir = getattr(args, "data.glue_dir", None)
-            print(json.dumps(evaluate_run(args.evaluate, glue_dir), indent=2))
+            evaluate = evaluate_export if is_export_folder(args.evaluate) else evaluate_run  # export/: onnxruntime
+            print(json.dumps(evaluate(args.evaluate, glue_dir), indent=2))
             return 0
         if getattr(args, "task", None):
             if hasattr(args, "data.task"):

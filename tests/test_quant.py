@@ -27,8 +27,8 @@ def twn_reference(w: torch.Tensor, t: float = 0.7, clip: float = 2.5) -> torch.T
 
 def act_reference(x: torch.Tensor, bits: int = 8, clip: float = 2.5) -> torch.Tensor:
     x = torch.clamp(x, -clip, clip)
-    s = (2 ** (bits - 1) - 1) / x.abs().max()
-    return torch.round(x * s) / s
+    step = x.abs().max() / (2 ** (bits - 1) - 1)  # Δ = max/n; codes round(x / Δ) as ONNX QuantizeLinear
+    return torch.round(x / step) * step
 
 
 def test_ternary_matches_reference_exactly():
@@ -113,12 +113,13 @@ def test_exclude_padding_saturates_padding_codes_and_clips_their_gradient():
     x = torch.tensor([[[0.5], [-1.0], [2.0], [-2.0]]], requires_grad=True)  # (B=1, S=4, D=1)
     valid = torch.tensor([[True, True, False, False]])
     q = quantize_activation(x, ActConfig(exclude_padding=True), valid)
-    torch.testing.assert_close(q.detach().flatten(), torch.tensor([round(0.5 * 127) / 127, -1.0, 1.0, -1.0]),
+    step = torch.tensor(1.0) / 127  # Δ = valid max / 127
+    torch.testing.assert_close(q.detach().flatten(), torch.tensor([round(0.5 * 127), -127, 127, -127]) * step,
                                rtol=0, atol=0)
     q.sum().backward()
     torch.testing.assert_close(x.grad.flatten(), torch.tensor([1.0, 1, 0, 0]))  # saturated = clipped
-    codes, _, scale = symmetric_codes(x.detach(), 8, 2.5, None, valid[:, :, None])
-    assert codes.abs().max() == 127 and scale.item() == 127.0
+    codes, _, step = symmetric_codes(x.detach(), 8, 2.5, None, valid[:, :, None])
+    assert codes.abs().max() == 127 and step.item() == (torch.tensor(1.0) / 127).item()
 
 
 def test_cpu_codes_path_equals_the_reference():
@@ -338,11 +339,11 @@ def test_a_quantizer_output_packs_to_int8_codes_that_unpack_to_the_same_bits():
     from transformer.fast import Codes as _Codes, CodeStore as _CodeStore
     from transformer.quant import symmetric_codes
     x = torch.randn(6, 40) * 3
-    codes, _, scale = symmetric_codes(x, 8, 2.5)
+    codes, _, step = symmetric_codes(x, 8, 2.5)
     int_codes = codes.to(torch.int8)
-    values = codes / scale
+    values = codes * step
     store = _CodeStore()
-    store.register(values, int_codes, scale)
+    store.register(values, int_codes, step)
     packed = store.pack(values)
     assert isinstance(packed, _Codes) and packed.codes.dtype == torch.int8
     assert torch.equal(_CodeStore.unpack(packed), values)
@@ -350,7 +351,7 @@ def test_a_quantizer_output_packs_to_int8_codes_that_unpack_to_the_same_bits():
     assert not isinstance(store.pack(x), _Codes)  # any other tensor is kept as it is ...
     y = (x.clone().requires_grad_() * 2).softmax(-1)
     assert store.pack(y).grad_fn is None and store.pack(y).data_ptr() == y.data_ptr()  # ... without its graph: no cycle
-    values.add_(1)  # written after it was made: no longer codes / s
+    values.add_(1)  # written after it was made: no longer codes · Δ
     assert not isinstance(store.pack(values), _Codes)
 
 

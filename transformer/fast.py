@@ -51,13 +51,13 @@ def symmetric_codes_cpu(x: Tensor, levels: int, clip: float | None,
     lo, hi = torch.aminmax(x) if max_dims is None else torch.aminmax(x, dim=max_dims[0], keepdim=True)
     m = torch.maximum(hi, -lo)  # max|x|
     if clip is None or bool(m.max() < clip):  # a NaN answers False: the full path keeps its NaN semantics
-        s = levels / m.clamp_min(1e-30)
-        return (x * s).round_(), None, s
+        step = m.clamp_min(1e-30) / levels
+        return (x / step).round_(), None, step
     m = m.clamp_max(clip)  # = max|clamp(x)|
     c = x.clamp(-clip, clip)
     inside = c.abs() < clip  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
-    s = levels / m.clamp_min(1e-30)
-    return c.mul_(s).round_(), inside, s
+    step = m.clamp_min(1e-30) / levels
+    return c.div_(step).round_(), inside, step
 
 
 def _codes_formula(x: Tensor, levels: float, clip: float | None, per_token: bool):
@@ -65,8 +65,8 @@ def _codes_formula(x: Tensor, levels: float, clip: float | None, per_token: bool
     c = x.clamp(-clip, clip) if clip is not None else x
     a = c.abs()
     m = a.amax(dim=-1, keepdim=True) if per_token else a.amax()
-    s = levels / m.clamp_min(1e-30)
-    return (c * s).round(), (a < clip) if clip is not None else None, s
+    step = m.clamp_min(1e-30) / levels
+    return (c / step).round(), (a < clip) if clip is not None else None, step
 
 
 _COMPILED: dict[str, object] = {}
@@ -199,7 +199,7 @@ class Dropout(nn.Dropout):
 # Saved fake-quantized activations as integer codes
 
 class Codes:
-    """A saved fake-quantized activation as a view of its int8 codes round(x·s) and its scale s."""
+    """A saved fake-quantized activation as a view of its int8 codes round(x / Δ) and its step Δ."""
 
     def __init__(self, codes: Tensor, scale: Tensor):
         self.codes, self.scale = codes, scale
@@ -219,14 +219,14 @@ class CodeStore:
         self.outputs: dict[int, CodeStore.Entry] = {}
 
     def register(self, q: Tensor, codes: Tensor, scale: Tensor) -> None:
-        """q = codes / scale exactly, codes int8 (|codes| ≤ 127: the quantizer saturates them)."""
+        """q = codes · scale (the step Δ) exactly, codes int8 (|codes| ≤ 127: the quantizer saturates them)."""
         if q.is_contiguous():  # a new output at a freed output's address replaces that entry
             self.outputs[q.untyped_storage().data_ptr()] = self.Entry(weakref.ref(q), q._version, codes, scale)
 
     def pack(self, t: Tensor):
         e = self.outputs.get(t.untyped_storage().data_ptr()) if t.dtype == torch.float32 else None
         q = e.ref() if e is not None else None
-        # a view of a live quantizer output's storage, unwritten since: its values are exactly codes / s
+        # a view of a live quantizer output's storage, unwritten since: its values are exactly codes · Δ
         if q is None or q.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() or t._version != e.version:
             # detach(): the same storage without the autograd history; holding t itself would tie a saved output
             # (e.g. softmax's) to its own graph node, a cycle that outlives a branch the backward never reaches
@@ -236,8 +236,8 @@ class CodeStore:
 
     @staticmethod
     def unpack(p):
-        # the quantizer computed codes / s in fp32; the same division of the same codes gives the same bits
-        return torch.div(p.codes, p.scale) if isinstance(p, Codes) else p
+        # the quantizer computed codes · Δ in fp32; the same product of the same codes gives the same bits
+        return torch.mul(p.codes, p.scale) if isinstance(p, Codes) else p
 
 
 _STORE: CodeStore | None = None

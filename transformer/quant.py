@@ -69,14 +69,30 @@ def _sum(x: Tensor, per_row: bool) -> Tensor:
 
 
 @torch.no_grad()
-def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor | None]:
-    """TWN: α·sign(w)·[|w| > Δ] on clamped w, Δ = t·mean|w|, α = mean of |w| over kept entries; and the
-    STE mask |w| < clip (bool; None when no entry reaches ±clip). No grad."""
+def _ternary(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor, Tensor]:
     per_row = cfg.granularity == "row"
     a = w.abs().clamp_max_(cfg.clip)  # |clamp(w, ±clip)|
-    keep = (a > cfg.threshold_ratio * _mean(a, per_row)).to(w.dtype)
-    alpha = _sum(a * keep, per_row) / _sum(keep, per_row).clamp_min(1)  # nothing kept -> α = 0, not NaN
-    return alpha * torch.sign(w) * keep, fast.ste_mask(a, cfg.clip)  # |clamp(w)| < clip <=> |w| < clip
+    keep = a > cfg.threshold_ratio * _mean(a, per_row)
+    kept = keep.to(w.dtype)
+    alpha = _sum(a * kept, per_row) / _sum(kept, per_row).clamp_min(1)  # nothing kept -> α = 0, not NaN
+    return torch.sign(w).to(torch.int8) * keep, alpha, a
+
+
+@torch.no_grad()
+def ternary_codes(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor]:
+    """TWN codes sign(w)·[|w| > Δ] on clamped w (int8 in {-1, 0, 1}, w's shape; Δ = t·mean|w|) and the scale α, the
+    mean |w| over kept entries (w's dtype; () per tensor, (..., 1) per row = last dim). The fake-quant value is
+    codes·α (`ternary_values`); the exporter stores exactly these two. No grad."""
+    codes, alpha, _ = _ternary(w, cfg)
+    return codes, alpha
+
+
+@torch.no_grad()
+def ternary_values(w: Tensor, cfg: TernaryWeightConfig) -> tuple[Tensor, Tensor | None]:
+    """The TWN fake-quant value codes·α of `ternary_codes` ({-α, 0, +α}: the products are exact, and zeros are +0),
+    and the STE mask |w| < clip (bool; None when no entry reaches ±clip). No grad."""
+    codes, alpha, a = _ternary(w, cfg)
+    return codes.to(w.dtype) * alpha, fast.ste_mask(a, cfg.clip)  # |clamp(w)| < clip <=> |w| < clip
 
 
 def ternarize(w: Tensor, cfg: TernaryWeightConfig) -> Tensor:
@@ -98,11 +114,13 @@ def symmetric_codes(x: Tensor, bits: int, clip: float | None, max_dims: tuple[in
 @torch.no_grad()
 def symmetric_codes_reference(x: Tensor, bits: int, clip: float | None, max_dims: tuple[int, ...] | None = None,
                               valid: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The integer codes round(x·s) (as floats, |codes| ≤ 2^(b-1)−1) with s = (2^(b-1)−1)/max|x| after clamping to
-    ±clip, the STE mask (bool; None = all True), and s; the fake-quantized value is codes / s. No grad.
+    """The integer codes round(x / Δ) (as floats, |codes| ≤ n = 2^(b-1)−1) with the step Δ = max|x| / n after clamping
+    to ±clip, the STE mask (bool; None = all True), and Δ; the fake-quantized value is codes · Δ. No grad.
 
+    The division by Δ (not a multiplication by n / max|x|, which rounds differently on ~1 value in 3 million) is
+    ONNX QuantizeLinear's definition, so the exported model (`transformer.export`) runs this quantizer bit for bit.
     max_dims: dims reduced for the max (None = whole tensor); valid: bool mask broadcastable to x, False entries
-    (padding) are left out of the max. Such an entry can lie beyond the valid max: its code saturates at ±(2^(b-1)−1),
+    (padding) are left out of the max. Such an entry can lie beyond the valid max: its code saturates at ±n,
     as an 8-bit integer would, and it counts as clipped for the STE. max|x| = 0 gives zeros, not NaN.
     """
     levels = 2 ** (bits - 1) - 1
@@ -111,20 +129,20 @@ def symmetric_codes_reference(x: Tensor, bits: int, clip: float | None, max_dims
     masked = a if valid is None else a.masked_fill(~valid, 0)
     m = masked.amax() if max_dims is None else masked.amax(dim=max_dims, keepdim=True)
     inside = fast.ste_mask(a, clip)  # |clamp(x)| < clip  <=>  -clip < x < clip (NaN: False)
-    s = levels / m.clamp_min(1e-30)
-    codes = c.mul_(s).round_()
+    step = m.clamp_min(1e-30) / levels
+    codes = c.div_(step).round_()
     if valid is not None:  # only padding entries can exceed the valid max
         codes.clamp_(-levels, levels)
         within = a <= m
         inside = within if inside is None else inside & within
-    return codes, inside, s
+    return codes, inside, step
 
 
 def uniform_quantize(w: Tensor, cfg: UniformWeightConfig) -> Tensor:
     """Symmetric uniform fake-quant of a weight tensor (one scale per tensor or per row), clipped STE."""
     dims = (-1,) if cfg.granularity == "row" else None
-    codes, inside, scale = symmetric_codes(w, cfg.bits, cfg.clip, dims)
-    return clipped_ste(w, codes.div_(scale), inside)
+    codes, inside, step = symmetric_codes(w, cfg.bits, cfg.clip, dims)
+    return clipped_ste(w, codes.mul_(step), inside)
 
 
 class WeightFakeQuantizer(nn.Module):
@@ -167,12 +185,12 @@ def quantize_activation(x: Tensor, cfg: ActConfig, valid: Tensor | None = None) 
     """Symmetric dynamic fake-quant of an activation (docs/algorithms.md §2), clipped STE."""
     mask = _valid_mask(x, valid) if cfg.exclude_padding else None
     dims = None if cfg.granularity == "tensor" else (-1,)
-    codes, inside, scale = symmetric_codes(x, cfg.bits, cfg.clip, dims, mask)
+    codes, inside, step = symmetric_codes(x, cfg.bits, cfg.clip, dims, mask)
     store = fast.code_store()  # saved for the backward as int8 codes (speed only; see fast.saved_activations_as_codes)
-    int_codes = codes.to(torch.int8) if store is not None and scale.numel() == 1 else None  # |codes| ≤ 127
-    out = clipped_ste(x, codes.div_(scale), inside)
+    int_codes = codes.to(torch.int8) if store is not None and step.numel() == 1 else None  # |codes| ≤ 127
+    out = clipped_ste(x, codes.mul_(step), inside)
     if int_codes is not None:
-        store.register(out, int_codes, scale)
+        store.register(out, int_codes, step)
     return out
 
 
@@ -184,8 +202,11 @@ class ActFakeQuantizer(nn.Module):
         self.config, self.enabled = config, True
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input)
-        return quantize_activation(x.float(), self.config, valid) if self.enabled else x
+        # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input);
+        # fp64 stays fp64 (the export's parity reference runs the fake-quant model in float64)
+        if not self.enabled:
+            return x
+        return quantize_activation(x if x.dtype == torch.float64 else x.float(), self.config, valid)
 
     def extra_repr(self) -> str:
         return f"{self.config}, enabled={self.enabled}"
@@ -247,42 +268,51 @@ def act_config(cfg: QuantConfig) -> ActConfig:
     return ActConfig(cfg.input_bits, cfg.clip_val if cfg.act_clip else None, cfg.act_granularity, cfg.act_exclude_padding)
 
 
-def quantize_model(model: BertForGlue, cfg: QuantConfig) -> BertForGlue:
-    """Swap the student's encoder Linears, pooler, word embeddings and activation slots for fake
-    quantizers, as selected by the component switches of `cfg`. In place; returns the same object.
-    The classifier, position/token-type embeddings, LayerNorms, softmax and GELU stay FP (docs/algorithms.md §2)."""
+QuantSpec = TernaryWeightConfig | UniformWeightConfig | ActConfig
+
+
+def quant_plan(num_layers: int, cfg: QuantConfig) -> dict[str, QuantSpec]:
+    """What is quantized, and how: qualified module name -> the weight config (Linears, the word embeddings) or the
+    activation config (`ActSlot`s) of its fake quantizer, as selected by the component switches of `cfg` (docs/algorithms.md §2.4).
+    A module not named stays full precision. `quantize_model` and the exporter both read this, so they cannot drift."""
     if not cfg.enabled:
-        return model
+        return {}
     w, act = weight_config(cfg), act_config(cfg)
-
-    def linear(parent: nn.Module, name: str, on: bool):
-        if on:
-            setattr(parent, name, QuantLinear.from_linear(getattr(parent, name), w))
-
-    def slot(parent: nn.Module, name: str, on: bool):
-        if on:
-            assert isinstance(getattr(parent, name), ActSlot)
-            setattr(parent, name, ActFakeQuantizer(act))
-
-    body = model.bert
+    plan: dict[str, QuantSpec] = {}
     if cfg.embeddings:
-        emb = body.embeddings
-        emb.word_embeddings = QuantEmbedding.from_embedding(emb.word_embeddings, weight_config(cfg, per_row=True))
-    for layer in body.encoder.layer:
-        sa, so = layer.attention.self, layer.attention.output
-        for name in ("query", "key", "value"):
-            linear(sa, name, cfg.qkv)
-        slot(sa, "act_in", cfg.qkv)
-        for name in ("act_q", "act_k", "act_v", "act_probs"):
-            slot(sa, name, cfg.attn_acts)
-        linear(so, "dense", cfg.attn_out)
-        slot(so, "act_in", cfg.attn_out)
-        linear(layer.intermediate, "dense", cfg.ffn1)
-        slot(layer.intermediate, "act_in", cfg.ffn1)
-        linear(layer.output, "dense", cfg.ffn2)
-        slot(layer.output, "act_in", cfg.ffn2)
-    linear(body.pooler, "dense", cfg.pooler)
-    slot(body.pooler, "act_in", cfg.pooler)
+        plan["bert.embeddings.word_embeddings"] = weight_config(cfg, per_row=True)
+    for i in range(num_layers):
+        sa, so, p = f"bert.encoder.layer.{i}.attention.self", f"bert.encoder.layer.{i}.attention.output", f"bert.encoder.layer.{i}"
+        for name, on, spec in ((f"{sa}.query", cfg.qkv, w), (f"{sa}.key", cfg.qkv, w), (f"{sa}.value", cfg.qkv, w),
+                               (f"{sa}.act_in", cfg.qkv, act),
+                               (f"{sa}.act_q", cfg.attn_acts, act), (f"{sa}.act_k", cfg.attn_acts, act),
+                               (f"{sa}.act_v", cfg.attn_acts, act), (f"{sa}.act_probs", cfg.attn_acts, act),
+                               (f"{so}.dense", cfg.attn_out, w), (f"{so}.act_in", cfg.attn_out, act),
+                               (f"{p}.intermediate.dense", cfg.ffn1, w), (f"{p}.intermediate.act_in", cfg.ffn1, act),
+                               (f"{p}.output.dense", cfg.ffn2, w), (f"{p}.output.act_in", cfg.ffn2, act)):
+            if on:
+                plan[name] = spec
+    if cfg.pooler:
+        plan["bert.pooler.dense"], plan["bert.pooler.act_in"] = w, act
+    return plan
+
+
+def quantize_model(model: BertForGlue, cfg: QuantConfig) -> BertForGlue:
+    """Swap the modules named by `quant_plan` (encoder Linears, pooler, word embeddings, activation slots) for fake
+    quantizers. In place; returns the same object. The classifier, position/token-type embeddings, LayerNorms,
+    softmax and GELU stay FP (docs/algorithms.md §2)."""
+    for name, spec in quant_plan(model.shape.num_layers, cfg).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        if isinstance(spec, ActConfig):
+            assert isinstance(old, ActSlot), name
+            new = ActFakeQuantizer(spec)
+        elif isinstance(old, nn.Embedding):
+            new = QuantEmbedding.from_embedding(old, spec)
+        else:
+            new = QuantLinear.from_linear(old, spec)
+        setattr(parent, attr, new)  # same key in _modules: the module order (and state_dict order) is unchanged
     return model
 
 
