@@ -310,3 +310,16 @@ def test_resume_of_a_distillation_run_equals_the_uninterrupted_run(tmp_path, tin
         return [(r["step"], r["loss/total"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                 if "loss/total" in r]
     assert losses(out / "ref") == losses(cut) and len(losses(cut)) == 6
+
+
+def test_teacher_intervention_needs_the_teachers_shape():
+    from transformer.config import resolve
+    with pytest.raises(ConfigError, match="Teacher Intervention needs a student of the teacher's shape"):
+        resolve(parse_config(["--ti.mode", "gradual", "--distill.student_layers", "3"]))
+    resolve(parse_config(["--ti.mode", "gradual", "--distill.preset", "tinybert"]))  # a preset alone is fine
+
+
+def test_dry_run_of_both_steps_names_both_folders(capsys):
+    assert quant_task_glue.main(["sts-b", "--distill.schedule", "two_step", "--dry-run"]) == 0
+    folders = json.loads(capsys.readouterr().out)["run_folders"]
+    assert [f.split("-")[-2] for f in folders] == ["step=1", "step=2"]

@@ -96,8 +96,12 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, 
 TI_STEP1 = ("--loss.attn_output_mse_weight", "1", "--ti.mode", "stochastic", "--ti.steps", "5")
 
 
+NARROW = ("--distill.student_layers", "1", "--distill.student_hidden", "16", "--distill.student_heads", "2",
+          "--loss.attn_score_mse_weight", "0")  # a student with projections: their gradients must be all-reduced too
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,steps", [((), 6), (TI_STEP1, 5)], ids=["kd-qat", "ti-step1"])
+@pytest.mark.parametrize("extra,steps", [((), 6), (TI_STEP1, 5), (NARROW, 6)], ids=["kd-qat", "ti-step1", "distill"])
 def test_two_gloo_processes_equal_one_process(tmp_path, tiny_base_no_dropout, glue_dir, extra, steps):
     # TI: every rank draws the same stochastic mode; parameters the intervention bypasses get no gradient
     _make_teacher(tmp_path, tiny_base_no_dropout, glue_dir)

@@ -466,18 +466,15 @@ def _train_step1_once(cfg: RunConfig, command: list[str]) -> dict | None:
     """Step 1 of a two-step command; when rerun after step 2 was interrupted, a finished step 1 of the same config is
     kept (not refused as a finished run), so rerunning the command resumes where it stopped."""
     path = run_folder(cfg)
-    if (path / "result.json").is_file() and not cfg.train.overwrite and not check_step1_drift(path, cfg):
-        print(f"two-step step 1 already finished in {path}; continuing with step 2")
-        return json.loads((path / "result.json").read_text())
-    return train(cfg, command)
-
-
-def check_step1_drift(path: Path, cfg: RunConfig) -> list[str]:
-    try:
-        saved = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
-    except (OSError, ValueError, TypeError, ConfigError):
-        return ["run_config.json"]
-    return incompatible_fields(saved, cfg)
+    if (path / "result.json").is_file() and not cfg.train.overwrite:
+        try:
+            saved = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
+        except (OSError, ValueError, TypeError, ConfigError):
+            saved = None
+        if saved is not None and not incompatible_fields(saved, cfg):
+            print(f"two-step step 1 already finished in {path}; continuing with step 2")
+            return json.loads((path / "result.json").read_text())
+    return train(cfg, command)  # (another config in that folder: refused there as a finished run)
 
 
 def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
