@@ -56,8 +56,8 @@ def test_init_layers():
     assert distill.init_layers("4,0", 6, 2) == [4, 0]
 
 
-def _tiny_model(base: Path, layers: int = 2) -> BertForGlue:
-    return load_bert(base)
+def _tiny_model(base: Path) -> BertForGlue:
+    return load_bert(base)  # 2 layers, hidden 32, 4 heads (tests/conftest.py TINY)
 
 
 def test_student_copies_the_chosen_source_layers_exactly(tiny_base):

@@ -263,7 +263,7 @@ PRESETS = {
 }
 
 
-def _parse_layer_list(text: str, flag: str) -> list[int] | None:
+def parse_layer_list(text: str, flag: str) -> list[int] | None:
     """`3,7,11` -> [3, 7, 11]; a keyword (not digits and commas) -> None."""
     if not any(c.isdigit() for c in text):
         return None
@@ -306,9 +306,9 @@ class DistillConfig:
         if self.student_hidden is not None and self.student_heads is not None and self.student_hidden % self.student_heads:
             raise ConfigError(f"--distill.student_hidden {self.student_hidden} is not a multiple of --distill.student_heads "
                               f"{self.student_heads}")
-        if _parse_layer_list(self.layer_map, "--distill.layer_map") is None and self.layer_map not in ("uniform", "last"):
+        if parse_layer_list(self.layer_map, "--distill.layer_map") is None and self.layer_map not in ("uniform", "last"):
             raise ConfigError(f"--distill.layer_map must be uniform, last or a comma list of teacher layers, got {self.layer_map!r}")
-        if _parse_layer_list(self.init_layers, "--distill.init_layers") is None and \
+        if parse_layer_list(self.init_layers, "--distill.init_layers") is None and \
                 self.init_layers not in ("uniform", "first", "last", "random"):
             raise ConfigError(f"--distill.init_layers must be uniform, first, last, random or a comma list of layers, "
                               f"got {self.init_layers!r}")
@@ -318,6 +318,11 @@ class DistillConfig:
             raise ConfigError("--distill.step, --distill.head_ratio and --distill.step1_run belong to --distill.schedule two_step")
         if self.step1_run is not None and self.step != "2":
             raise ConfigError("--distill.step1_run names the run that two-step step 2 continues; it needs --distill.step 2")
+
+    @property
+    def general(self) -> bool:
+        """Whether this is more than KD-QAT's copy of the teacher with the identity map (a preset alone is not)."""
+        return self != DistillConfig(preset=self.preset)
 
 
 @dataclass
@@ -405,7 +410,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
                                 eval_batch_size=cfg.train.eval_batch_size or default_eval_batch_size(data, batch_size))
     model = dataclasses.replace(cfg.model, teacher_dir=cfg.model.teacher_dir or os.path.join("models", task))
     ti = dataclasses.replace(cfg.ti, steps=cfg.ti.steps or td.ti_steps)
-    if cfg.ti.mode != "off" and (cfg.distill != DistillConfig(preset=cfg.distill.preset)):
+    if cfg.ti.mode != "off" and cfg.distill.general:
         raise ConfigError("Teacher Intervention needs a student of the teacher's shape and the identity map: "
                           "drop the --distill.* shape, map and schedule flags or --ti.mode")
     return dataclasses.replace(cfg, data=data, train=train, model=model, ti=ti)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from transformer.config import ConfigError, DistillConfig, LossConfig, RunConfig, _parse_layer_list
+from transformer.config import ConfigError, DistillConfig, LossConfig, RunConfig, parse_layer_list
 from transformer.losses import active_terms
 from transformer.model import BertForGlue, BertShape, EncoderOutput
 
@@ -30,7 +30,7 @@ def uniform_layers(source_layers: int, student_layers: int) -> list[int]:
 
 
 def _pick(spec: str, source_layers: int, student_layers: int, flag: str, what: str) -> list[int]:
-    explicit = _parse_layer_list(spec, flag)
+    explicit = parse_layer_list(spec, flag)
     if explicit is None:
         if student_layers > source_layers:
             raise ConfigError(f"{flag} {spec}: the student has {student_layers} layers, more than the {source_layers} of "

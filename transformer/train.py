@@ -436,7 +436,8 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     cfg = resolve(cfg)
     steps = distill.steps_of(cfg)
     if len(steps) > 1:  # two_step, both steps: one run folder each, step 2 continuing step 1
-        return [_train_step1_once(steps[0], command), train(steps[1], command)][-1]
+        _train_step1_once(steps[0], command)
+        return train(steps[1], command)
     dist = distributed.setup(cfg.train.device)
     lock = FolderLock(run_folder(cfg)) if dist.is_main else None
     loop = None
@@ -453,7 +454,9 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
                 if (step + 1) % cfg.train.eval_every == 0 or step + 1 == loop.total:
                     evaluate_and_keep_best(loop, step + 1)
                 checkpoint_or_stop(loop, step + 1, stop_now)
-        return finish(loop, t0)
+        result = finish(loop, t0)
+        dist.barrier()  # no rank moves on before rank 0 has written result.json (two-step step 2 reads it)
+        return result
     finally:  # every exit: logs closed, process group gone, lock released
         if loop is not None and loop.run is not None:
             loop.run.close()
@@ -664,7 +667,7 @@ def finish(loop: Loop, t0: float) -> dict | None:
     if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
         result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": loop.before,
                         **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
-    if cfg.distill != type(cfg.distill)(preset=cfg.distill.preset):  # a general-distillation run
+    if cfg.distill.general:
         result["distill"] = {"phase": loop.phase.name, "layer_map": loop.layer_map, "steps_before": loop.before,
                              **({"step1_run": str(distill_step1_folder(cfg))} if loop.phase.name == "head" else {})}
     result["student"] = {"layers": loop.student.shape.num_layers, "hidden": loop.student.shape.hidden_size,
