@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from transformer.config import ConfigError, DistillConfig, LossConfig, RunConfig, parse_layer_list
+from transformer.config import ConfigError, DistillConfig, LossConfig, RunConfig, parse_layer_list, resolve
 from transformer.losses import active_terms
 from transformer.model import BertForGlue, BertShape, EncoderOutput
+from transformer.rundir import run_folder
 
 # ---------------------------------------------------------------------------------------------
 # Layer maps and init layers
@@ -222,3 +224,15 @@ def steps_of(cfg: RunConfig) -> list[RunConfig]:
     return [dataclasses.replace(cfg, distill=dataclasses.replace(d, step=s),
                                 train=dataclasses.replace(cfg.train, run_name=name and f"{name}-step{s}"))
             for s in ("1", "2")]
+
+
+def step1_folder(cfg: RunConfig) -> Path:
+    """The two-step step-1 run a step-2 config continues: --distill.step1_run, or the run of the same config with
+    distill.step 1, found by its name (a given run_name ending in -step2 -> -step1)."""
+    cfg = resolve(cfg)
+    if cfg.distill.step1_run:
+        return Path(cfg.distill.step1_run)
+    name = cfg.train.run_name
+    name = name[: -len("-step2")] + "-step1" if name and name.endswith("-step2") else None
+    return run_folder(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, step="1"),
+                                          train=dataclasses.replace(cfg.train, run_name=name)))

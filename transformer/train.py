@@ -243,18 +243,6 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
 STEP1_STUDENT = "last"  # TI and two-step step 1 save their latest evaluated student here; step 2 starts from it
 
 
-def distill_step1_folder(cfg: RunConfig) -> Path:
-    """The two-step step-1 run a step-2 config continues: --distill.step1_run, or the run of the same config with
-    distill.step 1, found by its name (a given run_name ending in -step2 -> -step1)."""
-    cfg = resolve(cfg)
-    if cfg.distill.step1_run:
-        return Path(cfg.distill.step1_run)
-    name = cfg.train.run_name
-    name = name[: -len("-step2")] + "-step1" if name and name.endswith("-step2") else None
-    return run_folder(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, step="1"),
-                                          train=dataclasses.replace(cfg.train, run_name=name)))
-
-
 def step1_folder(cfg: RunConfig) -> Path:
     """The TI step-1 run a step-2 config continues: --ti.step1_run, or by default the run of the same config with
     ti.step 1, found by its default name."""
@@ -282,7 +270,7 @@ def student_init_folder(cfg: RunConfig) -> Path:
     if cfg.distill.schedule == "two_step" and cfg.distill.step == "2":
         if cfg.model.student_init_dir:
             raise ConfigError("two-step step 2 starts from its step-1 run; do not also give --model.student_init_dir")
-        step1 = distill_step1_folder(cfg)
+        step1 = distill.step1_folder(cfg)
         if not (step1 / "result.json").is_file() or not has_checkpoint(step1 / STEP1_STUDENT):
             raise RunError(f"two-step step 2 continues the finished step-1 run {step1}, which is missing or unfinished: "
                            "run the same command with --distill.step 1 (or all) first, or pass its folder with --distill.step1_run")
@@ -669,7 +657,7 @@ def finish(loop: Loop, t0: float) -> dict | None:
                         **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
     if cfg.distill.general:
         result["distill"] = {"phase": loop.phase.name, "layer_map": loop.layer_map, "steps_before": loop.before,
-                             **({"step1_run": str(distill_step1_folder(cfg))} if loop.phase.name == "head" else {})}
+                             **({"step1_run": str(distill.step1_folder(cfg))} if loop.phase.name == "head" else {})}
     result["student"] = {"layers": loop.student.shape.num_layers, "hidden": loop.student.shape.hidden_size,
                          "parameters": sum(p.numel() for p in loop.student.parameters()),
                          "file_bytes": (loop.path / "model.safetensors").stat().st_size}
