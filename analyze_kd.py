@@ -24,7 +24,7 @@ from transformer import analysis_plots as plots
 from transformer.config import ConfigError
 from transformer.distributed import DeviceError, pick_device
 from transformer.model import CheckpointError
-from transformer.train import RunError
+from transformer.rundir import RunError
 
 ANALYSES = ("distance", "hessian", "range", "norm", "heatmap")
 USER_ERRORS = (analysis.AnalysisError, CheckpointError, RunError, ConfigError, utils_glue.DataError, DeviceError)

@@ -17,6 +17,7 @@ import os
 import sys
 
 import utils_glue
+from transformer import distill
 from transformer.config import ConfigError, build_parser, config_from_args, resolve, run_name
 from transformer.distributed import DeviceError
 from transformer.export import evaluate_export, is_export_folder
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, "data.task", args.task)
         cfg = resolve(config_from_args(args))
         if getattr(args, "dry_run", False):
-            print(json.dumps({"run_folder": str(run_folder(cfg)), "run_name": run_name(cfg), "config": cfg.to_dict()}, indent=2))
+            steps = distill.steps_of(cfg)  # two-step, both steps: one folder per step
+            folders = {"run_folder": str(run_folder(cfg)), "run_name": run_name(cfg)} if len(steps) == 1 else \
+                {"run_folders": [str(run_folder(c)) for c in steps]}
+            print(json.dumps({**folders, "config": cfg.to_dict()}, indent=2))
             return 0
         train(cfg, command=[sys.executable, *(sys.argv if argv is None else ["quant_task_glue.py", *argv])])
     except RunInterrupted as e:

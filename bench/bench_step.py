@@ -174,7 +174,7 @@ def kd_step(student: BertForGlue, teacher: BertForGlue, opt: torch.optim.Optimiz
             ti_mode: str | None, cache: TeacherCache | None = None) -> None:
     """One KD-QAT optimizer step as the training loop takes it (one process, one micro-batch; precision from cfg)."""
     opt.zero_grad(set_to_none=True)
-    loss, terms = kd_forward(student, teacher, b, cfg, ti_mode, cache)
+    loss, terms = kd_forward(student, teacher, b, cfg, ti_mode, cache=cache)
     loss.backward()
     logged = torch.stack([loss, *terms.values()]).detach()
     for g in opt.param_groups:

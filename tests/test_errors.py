@@ -160,6 +160,16 @@ def s_ti_step1_too_long(env):
     return ["sts-b", *_flags(env), "--model.teacher_dir", str(_teacher(env)), "--ti.mode", "gradual", "--ti.steps", "2"]
 
 
+def s_bad_layer_map(env):
+    return ["sts-b", *_flags(env), "--model.teacher_dir", str(_teacher(env)), "--distill.student_layers", "1",
+            "--distill.layer_map", "0,1"]
+
+
+def s_mismatched_heads(env):
+    return ["sts-b", *_flags(env), "--model.teacher_dir", str(_teacher(env)), "--distill.student_layers", "1",
+            "--distill.student_heads", "2"]
+
+
 HELD_LOCKS = []  # locks a scenario holds for the test's duration (released when the test process moves on)
 
 
@@ -196,6 +206,8 @@ SCENARIOS = {
     "TI step 2 without a step-1 mode": s_ti_step2_without_mode,
     "TI step 1 as long as the whole budget": s_ti_step1_too_long,
     "run folder in use by another launch": s_run_folder_in_use,
+    "layer map that does not fit the student": s_bad_layer_map,
+    "attention terms with another head count": s_mismatched_heads,
 }
 
 

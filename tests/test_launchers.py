@@ -85,7 +85,33 @@ def test_ti_launchers_step_1_then_step_2(tmp_path, tiny_base, glue_dir):
     assert r.returncode == 2 and "run_TI_step_1.sh rte --ti.mode inverted" in r.stderr
 
 
-@pytest.mark.parametrize("script,args", [("run_kd_qat_exploration.sh", []), ("run_mixing_param_sweep.sh", []),
+@pytest.mark.parametrize("schedule,quant", [("mix", "--no-quant.enabled"), ("mix", "--quant.enabled"),
+                                            ("two_step", "--no-quant.enabled"), ("two_step", "--quant.enabled")])
+def test_distill_launcher_mix_and_two_step_fp_and_ternary(tmp_path, tiny_base, glue_dir, schedule, quant):
+    # the tiny teacher has 2 layers: a 1-layer student stands in for the default 3-layer one
+    flags = [*tiny_flags(tmp_path, tiny_base, glue_dir, steps=4), "--distill.student_layers", "1", "--train.log_every", "1"]
+    r = launch("run_distill.sh", "sts-b", *flags, "--distill.schedule", schedule, quant)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = finished_runs(tmp_path / "out")
+    assert len(runs) == (2 if schedule == "two_step" else 1)
+    for run in runs:
+        cfg = json.loads((run / "run_config.json").read_text())
+        assert cfg["distill"]["preset"] == "tinybert" and cfg["quant"]["enabled"] == (quant == "--quant.enabled")
+        assert json.loads((run / "config.json").read_text())["num_hidden_layers"] == 1
+    logged = {k for line in (runs[-1] / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    assert "loss/logits_kd" in logged and ("loss/hidden_mse" in logged) == (schedule == "mix")
+
+
+def test_distill_launcher_defaults(tmp_path, tiny_base, glue_dir):
+    r = launch("run_distill.sh", *tiny_flags(tmp_path, tiny_base, glue_dir), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)["config"]
+    assert config["data"]["task"] == "sts-b" and config["quant"]["enabled"] is False
+    assert {k: config["distill"][k] for k in ("student_layers", "layer_map", "init_layers", "preset", "schedule")} == \
+        {"student_layers": 3, "layer_map": "uniform", "init_layers": "uniform", "preset": "tinybert", "schedule": "mix"}
+
+
+@pytest.mark.parametrize("script,args", [("run_distill.sh", ["sts-b", "extra"]), ("run_kd_qat_exploration.sh", []), ("run_mixing_param_sweep.sh", []),
                                          ("run_TI_step_2.sh", ["sts-b", "gradually"]),
                                          ("run_kd_qat_map.sh", ["-x"]), ("run_kd_qat_output.sh", ["rte", "extra"])])
 def test_bad_arguments_print_usage(script, args):

@@ -96,8 +96,12 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, 
 TI_STEP1 = ("--loss.attn_output_mse_weight", "1", "--ti.mode", "stochastic", "--ti.steps", "5")
 
 
+NARROW = ("--distill.student_layers", "1", "--distill.student_hidden", "16", "--distill.student_heads", "2",
+          "--loss.attn_score_mse_weight", "0")  # a student with projections: their gradients must be all-reduced too
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,steps", [((), 6), (TI_STEP1, 5)], ids=["kd-qat", "ti-step1"])
+@pytest.mark.parametrize("extra,steps", [((), 6), (TI_STEP1, 5), (NARROW, 6)], ids=["kd-qat", "ti-step1", "distill"])
 def test_two_gloo_processes_equal_one_process(tmp_path, tiny_base_no_dropout, glue_dir, extra, steps):
     # TI: every rank draws the same stochastic mode; parameters the intervention bypasses get no gradient
     _make_teacher(tmp_path, tiny_base_no_dropout, glue_dir)
@@ -169,3 +173,21 @@ def test_nonfinite_batch_can_be_skipped(tmp_path, tiny_base, glue_dir, monkeypat
     assert quant_task_glue.main(["sts-b", *flags, "--train.on_nonfinite", "skip", "--train.run_name", "skip"]) == 0
     result = json.loads((tmp_path / "out" / "sts-b" / "skip" / "result.json").read_text())
     assert result["skipped_nonfinite"] == 1
+
+
+@pytest.mark.slow
+def test_two_step_distillation_with_two_gloo_processes_equals_one_process(tmp_path, tiny_base_no_dropout, glue_dir):
+    # step 2 of the same command reads step 1's result.json: no rank may start it before rank 0 has written it
+    _make_teacher(tmp_path, tiny_base_no_dropout, glue_dir)
+    extra = (*EXACT, "--distill.student_layers", "1", "--distill.schedule", "two_step")
+    runs = {}
+    for n, out in ((1, "one"), (2, "two")):
+        env = {**os.environ, "NPROC": str(n), "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, out, 6, *extra), capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[out] = sorted(p.parent for p in (tmp_path / out).glob("sts-b/*/result.json"))
+    assert len(runs["one"]) == len(runs["two"]) == 2
+    for a, b in zip(runs["one"], runs["two"]):
+        assert [s for s, _ in _losses(a)] == [s for s, _ in _losses(b)]
+        for (_, x), (_, y) in zip(_losses(a), _losses(b)):
+            assert y == pytest.approx(x, rel=1e-5)

@@ -31,8 +31,7 @@ from transformer.data import Batch, collate, eval_batches, load_task_data
 from transformer.losses import row_kl
 from transformer.model import BertForGlue, EncoderOutput, load_bert, read_shape
 from transformer.quant import QuantLinear
-from transformer.rundir import REPO
-from transformer.train import load_run, load_tokenizer
+from transformer.rundir import REPO, load_run, load_tokenizer
 
 TOKEN_CLASSES = ("[CLS]", "[SEP]", "punctuation", "other")
 TEACHER = "teacher"                   # the teacher's key in every {model label: result} dict

@@ -138,6 +138,8 @@ class LossConfig:
     sa_output_mse_weight: float = field(default=0.0, metadata=_help("sa_output: Σ_l MSE of the attention-output dense result"))
     context_mse_weight: float = field(default=0.0, metadata=_help("context: Σ_l MSE of per-head P·V"))
     value_relation_kl_weight: float = field(default=0.0, metadata=_help("MiniLM value relation: Σ_l KL(T‖S) of softmax(VVᵀ/√d)"))
+    cls_norm_mse_weight: float = field(default=0.0, metadata=_help("PKD: Σ_l MSE of L2-normalised [CLS] hidden states"))
+    logits_mse_weight: float = field(default=0.0, metadata=_help("MSE of student and teacher logits (classification too)"))
     temperature: float = field(default=1.0, metadata=_help("softmax temperature of the logits_kd term"))
     padding_invariant: bool = field(default=False, metadata=_help(
         "MSE terms average over valid tokens only (published: over padded positions too)"))
@@ -257,6 +259,83 @@ class TIConfig:
             raise ConfigError("--ti.step1_run names the run that TI step 2 continues; it needs --ti.step 2")
 
 
+# Loss presets of docs/algorithms.md §7 (--distill.preset): the weights they set; a --loss.* flag (or a "loss" key of a
+# --config file) still wins. Every weight not listed is 0.
+PRESETS = {
+    # TinyBERT (Jiao et al. 2020): attention-score MSE + hidden-state MSE (embeddings included, projected when widths
+    # differ) + soft CE to the teacher's logits (the LossConfig defaults: TernaryBERT took its recipe from TinyBERT)
+    "tinybert": {"attn_score_mse_weight": 1.0, "hidden_mse_weight": 1.0, "logits_kd_weight": 1.0},
+    # MiniLM (Wang et al. 2020): attention-probability KL + value-relation KL; the logit term stands in for MiniLM's
+    # downstream fine-tuning, so the head learns in the same run
+    "minilm": {"attn_prob_kl_weight": 1.0, "value_relation_kl_weight": 1.0, "logits_kd_weight": 1.0},
+    # Patient KD (Sun et al. 2019): (1 − α)·gold CE + α·soft CE + β·normalised [CLS] MSE with α = 0.5, β = 100
+    # (its grid: α ∈ {0.2, 0.5, 0.7}, β ∈ {10, 100, 500, 1000}; its T ∈ {5, 10, 20} is --loss.temperature)
+    "pkd": {"label_loss_weight": 0.5, "logits_kd_weight": 0.5, "cls_norm_mse_weight": 100.0},
+}
+
+
+def parse_layer_list(text: str, flag: str) -> list[int] | None:
+    """`3,7,11` -> [3, 7, 11]; a keyword (not digits and commas) -> None."""
+    if not any(c.isdigit() for c in text):
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} must be a keyword or a comma list of layer numbers like 1,3,5, got {text!r}") from None
+
+
+@dataclass
+class DistillConfig:
+    """General distillation (docs/algorithms.md §7): student shape and init, layer map, loss preset, schedule."""
+    student_layers: int | None = field(default=None, metadata=_help("student depth L_S; default: the init source's (the teacher's)"))
+    student_hidden: int | None = field(default=None, metadata=_help(
+        "student hidden size; default the source's; another size means a random init (N(0, initializer_range))"))
+    student_heads: int | None = field(default=None, metadata=_help("student attention heads; default the source's (other: random init)"))
+    student_ffn: int | None = field(default=None, metadata=_help("student FFN (intermediate) size; default the source's (other: random init)"))
+    init_layers: str = field(default="uniform", metadata=_help(
+        "which source layers initialise the student's: uniform (⌈(i+1)·L/L_S⌉−1), first, last, a comma list, or "
+        "random (HF-style N(0, initializer_range)); the source is model.student_init_dir or the teacher"))
+    layer_map: str = field(default="uniform", metadata=_help(
+        "student layer i learns from teacher layer: uniform (⌈(i+1)·L_T/L_S⌉−1; the identity for equal depths), "
+        "last (L_T−L_S+i), or a comma list of teacher layers, one per student layer"))
+    preset: Literal["none", "tinybert", "minilm", "pkd"] = field(default="none", metadata=_help(
+        "loss weights of a published recipe (transformer/config.py PRESETS); --loss.* flags override them"))
+    schedule: Literal["mix", "two_step"] = field(default="mix", metadata=_help(
+        "mix: every loss term at once; two_step: step 1 trains the encoder with the intermediate terms, step 2 only "
+        "the head (pooler + classifier) with the logit terms"))
+    step: Literal["all", "1", "2"] = field(default="all", metadata=_help(
+        "two_step: run both steps (all) or one alone; step 2 continues the final student of step 1"))
+    head_ratio: float = field(default=0.25, metadata=_help("two_step: fraction of the step budget step 2 takes (step 1: the rest)"))
+    step1_run: str | None = field(default=None, metadata=_help(
+        "two_step step 2: the step-1 run folder to continue; default: the step-1 run of the same flags"))
+
+    def __post_init__(self):
+        for name in ("student_layers", "student_hidden", "student_heads", "student_ffn"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--distill.{name} must be > 0, got {v}")
+        if self.student_hidden is not None and self.student_heads is not None and self.student_hidden % self.student_heads:
+            raise ConfigError(f"--distill.student_hidden {self.student_hidden} is not a multiple of --distill.student_heads "
+                              f"{self.student_heads}")
+        if parse_layer_list(self.layer_map, "--distill.layer_map") is None and self.layer_map not in ("uniform", "last"):
+            raise ConfigError(f"--distill.layer_map must be uniform, last or a comma list of teacher layers, got {self.layer_map!r}")
+        if parse_layer_list(self.init_layers, "--distill.init_layers") is None and \
+                self.init_layers not in ("uniform", "first", "last", "random"):
+            raise ConfigError(f"--distill.init_layers must be uniform, first, last, random or a comma list of layers, "
+                              f"got {self.init_layers!r}")
+        if not 0 < self.head_ratio < 1:
+            raise ConfigError(f"--distill.head_ratio must be in (0, 1), got {self.head_ratio}")
+        if self.schedule == "mix" and (self.step != "all" or self.head_ratio != 0.25 or self.step1_run is not None):
+            raise ConfigError("--distill.step, --distill.head_ratio and --distill.step1_run belong to --distill.schedule two_step")
+        if self.step1_run is not None and self.step != "2":
+            raise ConfigError("--distill.step1_run names the run that two-step step 2 continues; it needs --distill.step 2")
+
+    @property
+    def general(self) -> bool:
+        """Whether this is more than KD-QAT's copy of the teacher with the identity map (a preset alone is not)."""
+        return self != DistillConfig(preset=self.preset)
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -267,13 +346,14 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ti: TIConfig = field(default_factory=TIConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        d = _migrate(d)
+        d = _with_preset(_migrate(d))
         sections = {}
         for f in fields(cls):
             sub = d.get(f.name, {})
@@ -296,6 +376,16 @@ def _migrate(d: dict) -> dict:
         data = {k: v for k, v in data.items() if k != "pad_to_max"} | {"batching": "fixed" if data["pad_to_max"] else "shuffle"}
         d = {**d, "data": data}
     return d
+
+
+def _with_preset(d: dict) -> dict:
+    """distill.preset's loss weights under the given "loss" keys (which win), every other weight 0. A saved
+    run_config.json holds every weight, so reading it again changes nothing."""
+    preset = d.get("distill", {}).get("preset", "none") if isinstance(d.get("distill"), dict) else "none"
+    if preset == "none" or preset not in PRESETS:  # an unknown name is refused by DistillConfig
+        return d
+    zero = {f.name: 0.0 for f in fields(LossConfig) if f.name.endswith("_weight")}
+    return {**d, "loss": {**zero, **PRESETS[preset], **d.get("loss", {})}}
 
 
 def _section_type(f: dataclasses.Field) -> type:
@@ -331,6 +421,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
                                 eval_batch_size=cfg.train.eval_batch_size or default_eval_batch_size(data, batch_size))
     model = dataclasses.replace(cfg.model, teacher_dir=cfg.model.teacher_dir or os.path.join("models", task))
     ti = dataclasses.replace(cfg.ti, steps=cfg.ti.steps or td.ti_steps)
+    if cfg.ti.mode != "off" and cfg.distill.general:
+        raise ConfigError("Teacher Intervention needs a student of the teacher's shape and the identity map: "
+                          "drop the --distill.* shape, map and schedule flags or --ti.mode")
     return dataclasses.replace(cfg, data=data, train=train, model=model, ti=ti)
 
 
@@ -353,7 +446,7 @@ def incompatible_fields(saved: RunConfig, cfg: RunConfig) -> list[str]:
     return out
 
 
-_PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir", "ti.step1_run"}
+_PATH_KNOBS = {"model.teacher_dir", "model.student_init_dir", "ti.step1_run", "distill.step1_run"}
 MAX_NAME = 200  # file systems cap a folder name at 255 bytes
 
 
@@ -370,7 +463,10 @@ def _fmt(v, key: str) -> str:
 def run_name(cfg: RunConfig) -> str:
     """`<task>-<every non-default knob>-s<seed>`, defaults taken for the same task, so sweeps never collide."""
     cfg = resolve(cfg)
-    ref = resolve(RunConfig(data=DataConfig(task=cfg.data.task, custom_task=cfg.data.custom_task)))
+    # defaults of the same task and preset: a preset's name stands for its weights, only overrides are spelled out
+    ref = resolve(RunConfig.from_dict({"data": {"task": cfg.data.task, "custom_task": cfg.data.custom_task},
+                                       "distill": {"preset": cfg.distill.preset}}))
+    ref = dataclasses.replace(ref, distill=DistillConfig())  # the preset's own name does appear
     parts = [cfg.data.task]
     for section in fields(RunConfig):
         a, b = getattr(cfg, section.name), getattr(ref, section.name)

@@ -13,8 +13,12 @@ Paper names (TernaryBERT; Kim et al., EMNLP 2022 "KD-QAT"; MiniLM) and ours:
 | sa_output (SA)                | sa_output_mse       | attention-output dense, pre-LayerNorm    |
 | context                       | context_mse         | per-head P·V                             |
 | value relation (MiniLM)       | value_relation_kl   | softmax(VVᵀ/√d_h), KL(T‖S)               |
+| PT, patient KD (PKD)          | cls_norm_mse        | L2-normalised [CLS] hidden state, MSE    |
+| logit MSE                     | logits_mse          | logits, MSE (classification too)         |
 
-Layer terms are summed over layers; student layer i is compared with teacher layer `layer_map[i]`.
+Layer terms are summed over layers; student layer i is compared with teacher layer `layer_map[i]`. A student of
+another hidden size reaches these functions with its hidden states already projected to the teacher's width
+(transformer/distill.py `Projections`), so every function here compares tensors of one shape.
 """
 from __future__ import annotations
 
@@ -78,6 +82,21 @@ def label_loss(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
     if ctx.regression:
         return F.mse_loss(s.logits.squeeze(-1), ctx.labels.to(s.logits.dtype))
     return F.cross_entropy(s.logits, ctx.labels)
+
+
+def logits_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """MSE(z_S, z_T), mean over batch and classes (the logit regression of Ba & Caruana 2014; regression: = logits_kd)."""
+    return F.mse_loss(s.logits, t.logits)
+
+
+def cls_norm_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
+    """PKD "PT": Σ_l mean_b ‖h_S[l]/‖h_S[l]‖₂ − h_T[map(l)]/‖h_T[map(l)]‖₂‖²₂ of the [CLS] layer outputs, (B, D) per layer.
+    Summed over the hidden dimension (PKD's squared L2 distance), not averaged."""
+    total = 0.0
+    for a, b in _layer_pairs(s, t, ctx, "hidden"):
+        a, b = F.normalize(a[:, 0].float(), dim=-1), F.normalize(b[:, 0].float(), dim=-1)
+        total = total + (a - b).pow(2).sum(-1).mean()
+    return total
 
 
 def hidden_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
@@ -147,12 +166,13 @@ def context_mse(s: EncoderOutput, t: EncoderOutput, ctx: LossContext) -> Tensor:
 
 LOSSES = {"logits_kd": logits_kd, "label_loss": label_loss, "hidden_mse": hidden_mse,
           "attn_score_mse": attn_score_mse, "attn_prob_kl": attn_prob_kl, "attn_output_mse": attn_output_mse,
-          "sa_output_mse": sa_output_mse, "context_mse": context_mse, "value_relation_kl": value_relation_kl}
+          "sa_output_mse": sa_output_mse, "context_mse": context_mse, "value_relation_kl": value_relation_kl,
+          "cls_norm_mse": cls_norm_mse, "logits_mse": logits_mse}
 
 # The per-layer tensors (model.KEEPABLE) each term reads.
 REQUIRES = {"logits_kd": set(), "label_loss": set(), "hidden_mse": {"hidden"}, "attn_score_mse": {"scores"},
             "attn_prob_kl": {"probs"}, "attn_output_mse": {"attn_output"}, "sa_output_mse": {"sa_output"},
-            "context_mse": {"context"}, "value_relation_kl": {"value"}}
+            "context_mse": {"context"}, "value_relation_kl": {"value"}, "cls_norm_mse": {"hidden"}, "logits_mse": set()}
 
 
 def active_terms(cfg: LossConfig) -> dict[str, float]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from transformer.config import RunConfig, incompatible_fields, run_name
-from transformer.model import BertForGlue, CheckpointError, save_bert
+from transformer.model import BertForGlue, CheckpointError, load_bert, save_bert
+from transformer.quant import quantize_model
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = "checkpoint.pt"
@@ -213,3 +214,24 @@ class RunDir:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a finished run back (analysis and --evaluate use these, not the trainer)
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_run(path: str | Path) -> tuple[BertForGlue, RunConfig]:
+    """A saved student with its quantizers, as trained (latent FP weights + run_config.json); any student shape."""
+    path = Path(path)
+    if not (path / "run_config.json").is_file():
+        raise RunError(f"{path}: no run_config.json (not a run folder of quant_task_glue.py)")
+    cfg = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
+    model = quantize_model(load_bert(path), cfg.quant)
+    return model, cfg

@@ -24,19 +24,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import utils_glue
-from transformer import distributed, teacher_cache
+from transformer import distill, distributed, teacher_cache
 from transformer.config import ConfigError, OptimConfig, RunConfig, incompatible_fields, resolve
 from transformer.data import (Batch, TaskData, eval_batches, eval_pad_to, load_task_data, steps_per_epoch, train_batches,
                               train_padding)
 from transformer.distributed import pick_device
 from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
-from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, save_bert
+from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, read_shape, save_bert
 from transformer.fast import compiled_quantizers, saved_activations_as_codes
 from transformer.quant import quantize_model
 from transformer.teacher_cache import TeacherCache
 from transformer.rundir import (CHECKPOINT, FolderLock, RunDir, RunError, check_run_folder, check_writable, git_sha, load_checkpoint,
-                                run_folder, save_checkpoint, write_json)
+                                load_run, load_tokenizer, run_folder, save_checkpoint, write_json)
 
 
 class RunInterrupted(RunError):
@@ -164,14 +164,6 @@ def evaluate(model: BertForGlue, data: TaskData, cfg: RunConfig, device: torch.d
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and saved-student helpers
 
-def load_tokenizer(folder: str | Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-
-
 def _student_extra_config(cfg: RunConfig, task: utils_glue.TaskSpec) -> dict:
     extra = {"kdqat": {"task": task.name, "quant": dataclasses.asdict(cfg.quant)}}
     if task.labels is not None:
@@ -249,7 +241,7 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # KD-QAT
 
-STEP1_STUDENT = "last"  # TI step 1 saves its latest evaluated student here; step 2 starts from it
+STEP1_STUDENT = "last"  # TI and two-step step 1 save their latest evaluated student here; step 2 starts from it
 
 
 def step1_folder(cfg: RunConfig) -> Path:
@@ -276,6 +268,14 @@ def student_init_folder(cfg: RunConfig) -> Path:
             raise RunError(f"TI step 2 continues the finished step-1 run {step1}, which is missing or unfinished: {how}")
         _warn_step1_drift(step1, cfg)
         return step1 / STEP1_STUDENT
+    if cfg.distill.schedule == "two_step" and cfg.distill.step == "2":
+        if cfg.model.student_init_dir:
+            raise ConfigError("two-step step 2 starts from its step-1 run; do not also give --model.student_init_dir")
+        step1 = distill.step1_folder(cfg)
+        if not (step1 / "result.json").is_file() or not has_checkpoint(step1 / STEP1_STUDENT):
+            raise RunError(f"two-step step 2 continues the finished step-1 run {step1}, which is missing or unfinished: "
+                           "run the same command with --distill.step 1 (or all) first, or pass its folder with --distill.step1_run")
+        return step1 / STEP1_STUDENT
     return Path(cfg.model.student_init_dir or cfg.model.teacher_dir)
 
 
@@ -295,6 +295,11 @@ def step_budget(cfg: RunConfig, train_examples: int) -> tuple[int, int]:
     """(optimizer steps of this run, steps that came before it). The budget N_total is train.max_steps or
     epochs × steps per epoch; TI step 1 runs N1 = ti.steps of it and step 2 the remaining N_total − N1."""
     n_total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch(train_examples, cfg.train.batch_size))
+    if cfg.distill.schedule == "two_step":  # step 2 (head only) takes head_ratio of the budget, step 1 the rest
+        n2 = max(1, round(cfg.distill.head_ratio * n_total))
+        if n2 >= n_total:
+            raise ConfigError(f"a budget of {n_total} step(s) cannot be split into two-step's two steps")
+        return (n_total - n2, 0) if cfg.distill.step == "1" else (n2, n_total - n2)
     if cfg.ti.mode == "off":
         return n_total, 0
     n1 = cfg.ti.steps
@@ -314,12 +319,15 @@ def teacher_tensors(cfg: RunConfig) -> frozenset[str]:
 
 
 def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfig, ti_mode: str | None = None,
-               cache: TeacherCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               layer_map: list[int] | None = None, cache: TeacherCache | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One KD-QAT forward: teacher (no grad) and student on the same batch -> (total loss, loss terms).
 
     ti_mode ("map", "context", "output" or None): Teacher Intervention of this step; the teacher then also
     keeps the tensor it hands to the student. cache: the teacher's tensors of these examples come from it instead
-    of a teacher forward (padding positions hold no teacher values; the losses know). `student` may be wrapped in DDP.
+    of a teacher forward (padding positions hold no teacher values; the losses know). layer_map: student layer i <-
+    teacher layer layer_map[i]; default the identity. `student` may be wrapped in DDP (or be a
+    distill.TrainedStudent, whose outputs come with their hidden states projected).
     """
     keep = required_tensors(cfg.loss)
     t_keep = keep | {TI_TENSOR[ti_mode]} if ti_mode else keep
@@ -332,8 +340,8 @@ def kd_forward(student: nn.Module, teacher: BertForGlue, b: Batch, cfg: RunConfi
         with saved_activations_as_codes(), compiled_quantizers(cfg.train.compile):
             s_out = student(b.input_ids, b.token_type_ids, b.attention_mask, keep=keep, intervene=intervene)
             ctx = LossContext(b.attention_mask, b.labels, teacher.shape.num_labels == 1,
-                              identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature, cfg.loss.padding_invariant,
-                              teacher_padding=cache is None)
+                              layer_map or identity_layer_map(teacher.shape.num_layers), cfg.loss.temperature,
+                              cfg.loss.padding_invariant, teacher_padding=cache is None)
             return distill_loss(s_out, t_out, ctx, cfg.loss)
 
 
@@ -394,6 +402,9 @@ class Loop:
     before: int                       # steps of an earlier run this one continues (TI step 2: N1)
     start: int                        # first step (a resumed run starts after its checkpoint)
     teacher_metrics: dict
+    phase: distill.Phase              # which parameters train, with which loss weights (mix, or a two-step step)
+    layer_map: list[int]              # student layer i <- teacher layer layer_map[i]
+    projections: distill.Projections  # training-only; in checkpoint.pt, never in the saved student
     cache: TeacherCache | None = None  # the teacher's tensors, computed once (None: the live teacher every step)
     best: dict | None = None
     last_metrics: dict | None = None
@@ -404,6 +415,16 @@ class Loop:
     @property
     def ti_step1(self) -> bool:
         return self.cfg.ti.mode != "off" and self.cfg.ti.step == 1
+
+    @property
+    def step1(self) -> bool:
+        """A first step whose final student the next step continues (TI step 1, two-step step 1)."""
+        return self.ti_step1 or (self.cfg.distill.schedule == "two_step" and self.cfg.distill.step == "1")
+
+    @property
+    def phase_cfg(self) -> RunConfig:
+        """The config the loss sees: the run's, with this phase's loss weights."""
+        return dataclasses.replace(self.cfg, loss=self.phase.loss)
 
 
 def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
@@ -417,6 +438,10 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     command = command or [sys.executable, *sys.argv]
     t0 = time.time()
     cfg = resolve(cfg)
+    steps = distill.steps_of(cfg)
+    if len(steps) > 1:  # two_step, both steps: one run folder each, step 2 continuing step 1
+        _train_step1_once(steps[0], command)
+        return train(steps[1], command)
     dist = distributed.setup(cfg.train.device)
     lock = FolderLock(run_folder(cfg)) if dist.is_main else None
     loop = None
@@ -433,13 +458,30 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
                 if (step + 1) % cfg.train.eval_every == 0 or step + 1 == loop.total:
                     evaluate_and_keep_best(loop, step + 1)
                 checkpoint_or_stop(loop, step + 1, stop_now)
-        return finish(loop, t0)
+        result = finish(loop, t0)
+        dist.barrier()  # no rank moves on before rank 0 has written result.json (two-step step 2 reads it)
+        return result
     finally:  # every exit: logs closed, process group gone, lock released
         if loop is not None and loop.run is not None:
             loop.run.close()
         dist.close()
         if lock is not None:
             lock.release()
+
+
+def _train_step1_once(cfg: RunConfig, command: list[str]) -> dict | None:
+    """Step 1 of a two-step command; when rerun after step 2 was interrupted, a finished step 1 of the same config is
+    kept (not refused as a finished run), so rerunning the command resumes where it stopped."""
+    path = run_folder(cfg)
+    if (path / "result.json").is_file() and not cfg.train.overwrite:
+        try:
+            saved = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
+        except (OSError, ValueError, TypeError, ConfigError):
+            saved = None
+        if saved is not None and not incompatible_fields(saved, cfg):
+            print(f"two-step step 1 already finished in {path}; continuing with step 2")
+            return json.loads((path / "result.json").read_text())
+    return train(cfg, command)  # (another config in that folder: refused there as a finished run)
 
 
 def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
@@ -459,36 +501,43 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
             if not has_checkpoint(cfg.model.teacher_dir):
                 print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
                 finetune_teacher(cfg, command)
+    phase = distill.phase_of(cfg)
+    student, layer_map, projections = make_student(cfg, init_dir, phase)  # shapes and map checked before any work
     tokenizer = load_tokenizer(cfg.model.teacher_dir)
     data = load_task_data(cfg.data, tokenizer)
     teacher = load_bert(cfg.model.teacher_dir, num_labels=data.task.num_labels).to(device).eval().requires_grad_(False)
-    student = quantize_model(load_bert(init_dir, num_labels=data.task.num_labels), cfg.quant).to(device).train()
+    student = quantize_model(student, cfg.quant).to(device).train()
+    trained = distill.TrainedStudent(student, projections.to(device))
     total, before = step_budget(cfg, len(data.train))
     start = state["step"] if state else 0
-    cache = teacher_cache.open_or_build(cfg, teacher, data.task, data.train, teacher_tensors(cfg), dist,
+    cache = teacher_cache.open_or_build(cfg, teacher, data.task, data.train,
+                                        teacher_tensors(dataclasses.replace(cfg, loss=phase.loss)), dist,
                                         lambda: autocast(device, cfg.train.precision))
 
     run = RunDir(path, cfg, command, resume_step=start if state else None) if dist.is_main else None
     teacher_metrics = state["teacher"] if state else {}
     if state:
         student.load_state_dict(state["model"])
+        projections.load_state_dict(state.get("projections", {}))
     elif dist.is_main:
+        t = time.time()
         teacher_metrics = evaluate(teacher, data, cfg, device)
+        speed = sum(len(enc.labels) for enc in data.dev.values()) / max(time.time() - t, 1e-9)
         run.write("teacher_eval.json", {"teacher_dir": str(cfg.model.teacher_dir), "dev": teacher_metrics})
-        run.log(0, {f"teacher/{k}": v for k, v in teacher_metrics.items()})
+        run.log(0, {f"teacher/{k}": v for k, v in teacher_metrics.items()} | {"teacher_examples_per_s": speed})
         print(_log_line(0, {f"teacher {k}": v for k, v in teacher_metrics.items()}))
     if dist.is_main:
         print(f"run folder: {path}  ({total} steps{f', resuming after step {start}' if state else ''}, "
               f"device {device}, {dist.world} process(es))")
 
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout masks differ across ranks
-    model = student
+    model = trained
     ti_step1 = cfg.ti.mode != "off" and cfg.ti.step == 1
     if dist.world > 1:  # parameters unused without a logits term (the head under attention-only losses) or under TI
-        unused = (cfg.loss.logits_kd_weight == 0 and cfg.loss.label_loss_weight == 0) or ti_step1
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+        unused = not set(distill.LOGIT_TERMS) & set(active_terms(phase.loss)) or ti_step1
+        model = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=unused)
-    opt = make_optimizer(student, cfg.optim)
+    opt = make_optimizer(trained, cfg.optim)  # the phase's trainable parameters and the projections
     if state:
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][dist.rank], device)
@@ -496,7 +545,26 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
     batches = train_batches(data.train, cfg.train.batch_size, cfg.train.seed, start_step=before + start, rank=dist.rank,
                             world=dist.world, micro_batch_size=cfg.train.micro_batch_size, **train_padding(cfg.data))
     return Loop(cfg, dist, path, run, data, tokenizer, teacher, student, model, opt, batches, total, before, start,
-                teacher_metrics, cache, best=state["best"] if state else None, terms=["total", *active_terms(cfg.loss)])
+                teacher_metrics, phase, layer_map, projections, cache, best=state["best"] if state else None,
+                terms=["total", *active_terms(phase.loss)])
+
+
+def make_student(cfg: RunConfig, init_dir: Path, phase: distill.Phase) -> tuple[BertForGlue, list[int], distill.Projections]:
+    """The FP student of --distill.* shape (docs/algorithms.md §7), its layer map to the teacher and its projections;
+    parameters outside the phase are frozen. Two-step step 2 continues its step-1 student as it is."""
+    t_shape = read_shape(cfg.model.teacher_dir)
+    source = load_bert(init_dir, num_labels=t_shape.num_labels)
+    continues = cfg.distill.schedule == "two_step" and cfg.distill.step == "2"
+    student = source if continues else distill.build_student(cfg.distill, source, cfg.train.seed)
+    s_shape = student.shape
+    distill.check_shapes(s_shape, t_shape, phase.loss)
+    layer_map = distill.layer_map(cfg.distill.layer_map, t_shape.num_layers, s_shape.num_layers)
+    projected = any(n in distill.PROJECTED_TERMS for n in active_terms(phase.loss))
+    projections = distill.Projections(s_shape.hidden_size, t_shape.hidden_size if projected else s_shape.hidden_size,
+                                      s_shape.num_layers, s_shape.initializer_range, cfg.train.seed)
+    for name, p in student.named_parameters():
+        p.requires_grad_(phase.trains(name))
+    return student, layer_map, projections
 
 
 def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, float, torch.Tensor, bool]:
@@ -511,7 +579,7 @@ def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, 
         b = batch.to(device)
         no_sync = loop.model.no_sync() if dist.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
         with no_sync:
-            loss, terms = kd_forward(loop.model, loop.teacher, b, cfg, ti_mode, loop.cache)
+            loss, terms = kd_forward(loop.model, loop.teacher, b, loop.phase_cfg, ti_mode, loop.layer_map, loop.cache)
             # share·world: DDP averages gradients over ranks, so the sum over ranks and micro-batches
             # is exactly the gradient of the global batch mean
             (loss * share * dist.world).backward()
@@ -519,7 +587,7 @@ def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, 
     lr = lr_at(step, loop.total, cfg.optim.lr, cfg.optim.warmup_ratio)
     for g in loop.opt.param_groups:
         g["lr"] = lr
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loop.student.parameters() if p.grad is not None])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loop.model.parameters() if p.grad is not None])
     flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
                                              torch.tensor(float(stop.requested), device=device)]))
     if flags[0].item() == dist.world:
@@ -563,17 +631,20 @@ def evaluate_and_keep_best(loop: Loop, done: int) -> None:
     if not loop.dist.is_main:
         return
     cfg, data, run = loop.cfg, loop.data, loop.run
+    t = time.time()
     metrics = loop.last_metrics = evaluate(loop.student, data, cfg, loop.dist.device)
+    speed = sum(len(enc.labels) for enc in data.dev.values()) / max(time.time() - t, 1e-9)
     select = data.task.select_metric
     nan = [k for k, v in metrics.items() if math.isnan(v)]
-    run.log(done, {f"eval/{k}": v for k, v in metrics.items()} | ({"eval/nan_metrics": nan} if nan else {}))
+    run.log(done, {f"eval/{k}": v for k, v in metrics.items()} | ({"eval/nan_metrics": nan} if nan else {})
+            | {"eval_examples_per_s": speed})
     tqdm.write(_log_line(done, metrics) + (f" | NaN {', '.join(nan)} (constant predictions?)" if nan else ""))
     extra = _student_extra_config(cfg, data.task)
     if better(metrics[select], loop.best["metrics"][select] if loop.best else None):
         loop.best = {"step": done, "metrics": metrics, "select_metric": select}
         run.save_model(loop.student, loop.tokenizer, extra)
         run.write("best.json", loop.best)
-    if loop.ti_step1:  # step 2 starts from the latest student, not the best
+    if loop.step1:  # step 2 starts from the latest student, not the best
         run.save_model(loop.student, loop.tokenizer, extra, STEP1_STUDENT)
         run.write(f"{STEP1_STUDENT}.json", {"step": done, "metrics": metrics})
 
@@ -586,7 +657,8 @@ def checkpoint_or_stop(loop: Loop, done: int, stop_now: bool) -> None:
         rng = loop.dist.gather(_rng_state(loop.dist.device))
         if loop.dist.is_main:
             save_checkpoint(loop.path, {"step": done, "model": loop.student.state_dict(), "optimizer": loop.opt.state_dict(),
-                                        "rng": rng, "best": loop.best, "teacher": loop.teacher_metrics})
+                                        "rng": rng, "best": loop.best, "teacher": loop.teacher_metrics,
+                                        "projections": loop.projections.state_dict()})
     if stop_now:
         raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {loop.path} "
                              "(run the same command again to resume)")
@@ -602,6 +674,12 @@ def finish(loop: Loop, t0: float) -> dict | None:
     if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
         result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": loop.before,
                         **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}
+    if cfg.distill.general:
+        result["distill"] = {"phase": loop.phase.name, "layer_map": loop.layer_map, "steps_before": loop.before,
+                             **({"step1_run": str(distill.step1_folder(cfg))} if loop.phase.name == "head" else {})}
+    result["student"] = {"layers": loop.student.shape.num_layers, "hidden": loop.student.shape.hidden_size,
+                         "parameters": sum(p.numel() for p in loop.student.parameters()),
+                         "file_bytes": (loop.path / "model.safetensors").stat().st_size}
     loop.run.write("result.json", result)
     if not cfg.train.keep_checkpoint:
         (loop.path / CHECKPOINT).unlink(missing_ok=True)
@@ -620,16 +698,6 @@ def _dump_nonfinite(path: Path, step: int, names: list[str], logged: torch.Tenso
                     "model": student.state_dict()}, where)
     return (f"non-finite loss or gradient at step {step + 1} (loss terms {terms}); batch and weights saved to {where}; "
             "--train.on_nonfinite skip skips such batches")
-
-
-def load_run(path: str | Path) -> tuple[BertForGlue, RunConfig]:
-    """A saved student with its quantizers, as trained (latent FP weights + run_config.json)."""
-    path = Path(path)
-    if not (path / "run_config.json").is_file():
-        raise RunError(f"{path}: no run_config.json (not a run folder of quant_task_glue.py)")
-    cfg = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
-    model = quantize_model(load_bert(path), cfg.quant)
-    return model, cfg
 
 
 def evaluate_run(path: str | Path, glue_dir: str | None = None) -> dict[str, float]:
