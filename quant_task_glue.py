@@ -22,7 +22,7 @@ from transformer.config import ConfigError, build_parser, config_from_args, reso
 from transformer.distributed import DeviceError
 from transformer.export import evaluate_export, is_export_folder
 from transformer.model import CheckpointError
-from transformer.train import NonFiniteError, RunError, RunInterrupted, evaluate_run, run_folder, train
+from transformer.train import NonFiniteError, RunError, RunInterrupted, ensure_teacher, evaluate_run, run_folder, train
 
 USER_ERRORS = (ConfigError, utils_glue.DataError, CheckpointError, RunError, DeviceError)
 
@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("task", nargs="?", help="task name, same as --data.task (default: sts-b)")
     parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a saved student on its dev set and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, then exit")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="fine-tune the teacher if its folder has none, print its finetune.json, then exit")
     args = parser.parse_args(argv)
-    if not getattr(args, "evaluate", None) and not getattr(args, "dry_run", False):
+    if not any(getattr(args, a, None) for a in ("evaluate", "dry_run", "teacher_only")):
         relaunch_with_torchrun(sys.argv[1:] if argv is None else argv)
     try:
         if getattr(args, "evaluate", None):
@@ -60,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                 {"run_folders": [str(run_folder(c)) for c in steps]}
             print(json.dumps({**folders, "config": cfg.to_dict()}, indent=2))
             return 0
-        train(cfg, command=[sys.executable, *(sys.argv if argv is None else ["quant_task_glue.py", *argv])])
+        command = [sys.executable, *(sys.argv if argv is None else ["quant_task_glue.py", *argv])]
+        if getattr(args, "teacher_only", False):
+            teacher = ensure_teacher(cfg, command)
+            finetuned = teacher / "finetune.json"  # absent for a teacher made elsewhere
+            print(finetuned.read_text() if finetuned.is_file() else json.dumps({"teacher_dir": str(teacher)}))
+            return 0
+        train(cfg, command=command)
     except RunInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

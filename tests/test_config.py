@@ -91,6 +91,8 @@ def test_long_names_stay_unique_and_short():
     (["--quant.weight_bits", "4", "--quant.threshold_ratio", "0.5"], "threshold_ratio is the ternary"),
     (["--quant.weight_bits", "8", "--quant.threshold_ratio", "0.9"], "does nothing with --quant.weight_bits 8"),
     (["--ti.step1_run", "output/sts-b/x"], "needs --ti.step 2"),
+    (["--no-quant.embeddings", "--quant.embedding_bits", "8"], "embedding_bits does nothing"),
+    (["--quant.embedding_bits", "3"], "embedding_bits must be 2, 4 or 8"),
 ])
 def test_options_that_would_do_nothing_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -102,6 +104,9 @@ def test_temperature_is_refused_for_regression_and_kept_for_classification():
         resolve(parse_config(["--data.task", "sts-b", "--loss.temperature", "2"]))
     assert resolve(parse_config(["--data.task", "rte", "--loss.temperature", "2"])).loss.temperature == 2.0
     assert parse_config(["--quant.weight_bits", "4"]).quant.threshold_ratio == 0.7  # the default is no choice
+    # ternary word embeddings under 4-bit linears: the threshold still acts on them
+    assert parse_config(["--quant.weight_bits", "4", "--quant.embedding_bits", "2",
+                         "--quant.threshold_ratio", "0.5"]).quant.threshold_ratio == 0.5
 
 
 def test_published_eval_protocol_under_fixed_batching():

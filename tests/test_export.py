@@ -12,8 +12,8 @@ from transformer import export as E
 from transformer.config import QuantConfig
 from transformer.data import Batch
 from transformer.model import load_bert
-from transformer.quant import (ActConfig, QuantLinear, TernaryWeightConfig, quant_plan, quantize_activation,
-                               quantize_model, symmetric_codes, ternary_codes, ternary_values)
+from transformer.quant import (ActConfig, QuantLinear, TernaryWeightConfig, UniformWeightConfig, quant_plan,
+                               quantize_activation, quantize_model, symmetric_codes, ternary_codes, ternary_values)
 from tests.conftest import MINILM, needs_minilm, tiny_flags
 
 
@@ -60,9 +60,9 @@ def test_ternary_codes_times_alpha_is_the_twn_value(granularity):
     assert torch.equal(bits_of(codes.float() * alpha), bits_of(ref))
 
 
-@pytest.mark.parametrize("weight_bits", [2, 4, 8])
-def test_packed_file_gives_the_fake_quant_weights_bit_for_bit(tiny_base, tmp_path, weight_bits):
-    cfg = QuantConfig(weight_bits=weight_bits)
+@pytest.mark.parametrize("weight_bits,embedding_bits", [(2, None), (4, None), (8, None), (2, 4), (2, 8)])
+def test_packed_file_gives_the_fake_quant_weights_bit_for_bit(tiny_base, tmp_path, weight_bits, embedding_bits):
+    cfg = QuantConfig(weight_bits=weight_bits, embedding_bits=embedding_bits)
     model = quantize_model(load_bert(tiny_base), cfg)
     E.save_student(E.student_from_model(model, cfg), tmp_path / "s.safetensors")
     loaded = E.load_student(tmp_path / "s.safetensors")
@@ -80,7 +80,8 @@ def test_packed_file_gives_the_fake_quant_weights_bit_for_bit(tiny_base, tmp_pat
             assert torch.equal(sd[name], t), name
     assert loaded.acts == {n: s for n, s in quant_plan(model.shape.num_layers, cfg).items() if isinstance(s, ActConfig)}
     packed_bytes = sum(len(E.pack_codes(w.codes, w.bits)) for w in loaded.weights.values())
-    assert packed_bytes == sum(-(-w.codes.numel() * weight_bits // 8) for w in loaded.weights.values())
+    assert packed_bytes == sum(-(-w.codes.numel() * w.bits // 8) for w in loaded.weights.values())
+    assert loaded.weights["bert.embeddings.word_embeddings.weight"].bits == (embedding_bits or weight_bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -106,19 +107,22 @@ def test_onnx_activation_quantizer_gives_the_training_codes_exactly(bits, granul
     assert torch.equal(torch.from_numpy(step).reshape(ref_step.shape), ref_step)
 
 
+@pytest.mark.parametrize("weight_bits", [2, 8])
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
 @pytest.mark.parametrize("shape", [(32, 37), (384, 96)])
-def test_one_quantized_linear_through_onnx(granularity, shape):
+def test_one_quantized_linear_through_onnx(granularity, shape, weight_bits):
     """The ONNX linear is the exact integer sum scaled once: within ~1 ulp of the exact value (fp64), closer than the
-    fake-quant fp32 F.linear itself, whose difference from ONNX is its own summation rounding."""
+    fake-quant fp32 F.linear itself, whose difference from ONNX is its own summation rounding. 8-bit weights: the
+    u8·u8 product (an int8 B side saturates in onnxruntime's u8·s8 kernel on CPUs without VNNI)."""
     K, N = shape
     lin = nn.Linear(K, N)
     nn.init.normal_(lin.weight, std=0.05)
     act = ActConfig(granularity=granularity)
     x = torch.randn(3, 7, K) * 1.3
+    spec = TernaryWeightConfig() if weight_bits == 2 else UniformWeightConfig(bits=weight_bits)
     with torch.no_grad():
-        fq = QuantLinear.from_linear(lin, TernaryWeightConfig())(quantize_activation(x, act))
-    pw = E.pack_weight(lin.weight, TernaryWeightConfig())
+        fq = QuantLinear.from_linear(lin, spec)(quantize_activation(x, act))
+    pw = E.pack_weight(lin.weight, spec)
     got = torch.from_numpy(
         E.onnx_session(E.build_linear_onnx(pw, lin.bias.detach(), act).SerializeToString()).run(None, {"x": x.numpy()})[0])
     codes, _, step = symmetric_codes(x, 8, 2.5, None if granularity == "tensor" else (-1,))
@@ -149,6 +153,7 @@ def _batches(vocab: int, n: int = 4):
 QUANT_VARIANTS = {"tensor": {}, "token": {"act_granularity": "token"}, "exclude_padding": {"act_exclude_padding": True},
                   "token_exclude_padding": {"act_granularity": "token", "act_exclude_padding": True},
                   "w4": {"weight_bits": 4}, "w8": {"weight_bits": 8}, "a4": {"input_bits": 4},
+                  "emb4": {"embedding_bits": 4}, "emb8": {"embedding_bits": 8},
                   "no_attn_acts": {"attn_acts": False},
                   "no_act_clip": {"act_clip": False},
                   "fp_qkv_embeddings_pooler": {"qkv": False, "embeddings": False, "pooler": False},

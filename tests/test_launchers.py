@@ -25,11 +25,16 @@ def finished_runs(out: Path) -> list[Path]:
     ("run_kd_qat_map.sh", {"loss/attn_prob_kl", "loss/hidden_mse", "loss/logits_kd"}),
     ("run_kd_qat_output.sh", {"loss/attn_output_mse", "loss/hidden_mse", "loss/logits_kd"}),
     ("run_kd_qat_baseline.sh", {"loss/attn_score_mse", "loss/hidden_mse", "loss/logits_kd"}),
+    ("run_kd_qat_small.sh", {"loss/attn_prob_kl", "loss/hidden_mse", "loss/logits_kd"}),
 ])
 def test_recipe_launchers(tmp_path, tiny_base, glue_dir, script, terms):
     r = launch(script, "sts-b", *tiny_flags(tmp_path, tiny_base, glue_dir), "--train.log_every", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = finished_runs(tmp_path / "out")
+    if script == "run_kd_qat_small.sh":  # its recipe: longer, faster, no activation clip, 8-bit word embeddings
+        cfg = json.loads((run / "run_config.json").read_text())
+        assert (cfg["train"]["epochs"], cfg["optim"]["lr"], cfg["quant"]["act_clip"], cfg["quant"]["embedding_bits"]) == \
+            (6.0, 5e-5, False, 8)
     logged = {k for line in (run / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
     assert terms <= logged and not ({"loss/attn_score_mse", "loss/attn_prob_kl", "loss/attn_output_mse"} - terms) & logged
     assert (run / "model.safetensors").exists() and json.loads((run / "best.json").read_text())["step"] >= 1

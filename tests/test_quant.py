@@ -8,8 +8,8 @@ from torch import nn
 from transformer.config import QuantConfig
 from transformer.model import ActSlot, BertForGlue
 from transformer.quant import (ActConfig, ActFakeQuantizer, QuantEmbedding, QuantLinear, TernaryWeightConfig,
-                               UniformWeightConfig, quantize_activation, quantize_model, set_quant_enabled,
-                               symmetric_codes, ternarize, uniform_quantize)
+                               UniformWeightConfig, WeightFakeQuantizer, quant_plan, quantize_activation, quantize_model,
+                               set_quant_enabled, symmetric_codes, ternarize, uniform_quantize)
 from tests.conftest import TINY
 
 TERNARY = TernaryWeightConfig()
@@ -198,6 +198,22 @@ def test_quant_embedding_equals_quantizing_the_whole_table():
     (out * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(qe.weight.grad, table.grad)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_embedding_bits_give_per_row_uniform_levels_with_ternary_linears(bits):
+    cfg = QuantConfig(embedding_bits=bits)
+    plan = quant_plan(1, cfg)
+    assert plan["bert.embeddings.word_embeddings"] == UniformWeightConfig(bits, "row", 2.5)
+    assert isinstance(plan["bert.encoder.layer.0.attention.self.query"], TernaryWeightConfig)  # linears unchanged
+    table = torch.randn(6, 32)
+    table[2] *= 10  # a row with a larger range has its own step
+    q = WeightFakeQuantizer(plan["bert.embeddings.word_embeddings"])(table)
+    n = 2 ** (bits - 1) - 1
+    for row, qrow in zip(table, q):
+        step = row.clamp(-2.5, 2.5).abs().max() / n
+        torch.testing.assert_close(qrow, torch.round(row.clamp(-2.5, 2.5) / step) * step, rtol=0, atol=0)
+        assert len(torch.unique(qrow)) <= 2 * n + 1
 
 
 def _count(model, cls):

@@ -93,6 +93,9 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, 
     assert steps == list(range(1, 401))  # every step logged once: nothing lost, nothing repeated
 
 
+DDP_TIMEOUT_S = 300  # a hung collective waits 30 min for gloo's own timeout: fail well before that
+
+
 TI_STEP1 = ("--loss.attn_output_mse_weight", "1", "--ti.mode", "stochastic", "--ti.steps", "5")
 
 
@@ -110,7 +113,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tiny_base_no_dropout, gl
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, "two", 6, *EXACT, *extra), capture_output=True,
-                         text=True, env=env)
+                         text=True, env=env, timeout=DDP_TIMEOUT_S)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(_only_run(tmp_path / "one")), _losses(_only_run(tmp_path / "two"))
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
@@ -183,7 +186,8 @@ def test_two_step_distillation_with_two_gloo_processes_equals_one_process(tmp_pa
     runs = {}
     for n, out in ((1, "one"), (2, "two")):
         env = {**os.environ, "NPROC": str(n), "OMP_NUM_THREADS": "1"}
-        r = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, out, 6, *extra), capture_output=True, text=True, env=env)
+        r = subprocess.run(_cmd(tmp_path, tiny_base_no_dropout, glue_dir, out, 6, *extra), capture_output=True, text=True, env=env,
+                           timeout=DDP_TIMEOUT_S)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[out] = sorted(p.parent for p in (tmp_path / out).glob("sts-b/*/result.json"))
     assert len(runs["one"]) == len(runs["two"]) == 2

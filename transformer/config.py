@@ -101,7 +101,9 @@ class QuantConfig:
     act_granularity: Literal["tensor", "token"] = field(default="tensor", metadata=_help(
         "activation scale per whole batch tensor (published) or per token / attention row"))
     act_exclude_padding: bool = field(default=False, metadata=_help("padding positions do not enter the activation max"))
-    embeddings: bool = field(default=True, metadata=_help("ternarize the word embeddings (one scale per row)"))
+    embeddings: bool = field(default=True, metadata=_help("quantize the word embeddings (one scale per row)"))
+    embedding_bits: int | None = field(default=None, metadata=_help(
+        "word-embedding bits (2 ternary; 4 or 8 symmetric uniform, one scale per row); default weight_bits"))
     qkv: bool = field(default=True, metadata=_help("quantize the Q, K, V linears (weights and input)"))
     attn_acts: bool = field(default=True, metadata=_help("quantize Q, K, V after their bias and the attention probabilities"))
     attn_out: bool = field(default=True, metadata=_help("quantize the attention-output dense"))
@@ -112,13 +114,18 @@ class QuantConfig:
     def __post_init__(self):
         if self.weight_bits not in (2, 4, 8):
             raise ConfigError(f"--quant.weight_bits must be 2, 4 or 8, got {self.weight_bits}")
+        if self.embedding_bits not in (None, 2, 4, 8):
+            raise ConfigError(f"--quant.embedding_bits must be 2, 4 or 8, got {self.embedding_bits}")
         if self.input_bits not in (4, 8):
             raise ConfigError(f"--quant.input_bits must be 8 or 4, got {self.input_bits}")
         if self.clip_val <= 0:
             raise ConfigError(f"--quant.clip_val must be > 0, got {self.clip_val}")
         if not 0 <= self.threshold_ratio < 10:
             raise ConfigError(f"--quant.threshold_ratio must be in [0, 10), got {self.threshold_ratio}")
-        if self.weight_bits != 2 and self.threshold_ratio != 0.7:
+        if self.embedding_bits is not None and not self.embeddings:
+            raise ConfigError("--quant.embedding_bits does nothing with --no-quant.embeddings (FP word embeddings): drop one")
+        ternary = self.weight_bits == 2 or (self.embeddings and self.embedding_bits == 2)
+        if not ternary and self.threshold_ratio != 0.7:
             raise ConfigError(f"--quant.threshold_ratio is the ternary (TWN) threshold; it does nothing with "
                               f"--quant.weight_bits {self.weight_bits} (uniform weights): drop it or use --quant.weight_bits 2")
 

@@ -13,7 +13,7 @@
   training (`quant.symmetric_codes_reference`: Δ = max|clamp(x)| / n over the batch tensor or per token, then
   QuantizeLinear = round-half-even(x / Δ)) to uint8 with zero point 128, and every quantized Linear is
   MatMulInteger(uint8 codes, int8 weight codes) · (Δ·α) + bias; with the attention activations quantized, QKᵀ and
-  P·V are integer products too (int8 K and V codes). The products of 8-bit codes and ternary codes, summed over at most
+  P·V are integer products too (8-bit K and V codes as uint8 + 128: see `U8S8_EXACT_MAX_CODE`). The products of 8-bit codes and ternary codes, summed over at most
   a few thousand terms, are exact integers in int32, so a linear differs from the fake-quant one only by the fp32
   rounding of the final scaling (and the fake-quant's own fp32 summation error). Weights are INT2 (INT4 / INT8)
   initializers, cast to int8 once when onnxruntime constant-folds the graph at load.
@@ -230,6 +230,19 @@ class _Act:
     per_token: bool = False      # step (B, S, 1) / (B, H, S, 1) instead of ()
 
 
+# onnxruntime's u8·s8 integer GEMM on x86 CPUs without VNNI (AVX2 only) multiplies with VPMADDUBSW, which adds
+# pairs of u8·s8 products in int16 and saturates: exact only while 2 · 255 · |b| ≤ 32767, i.e. |b| ≤ 64. The B
+# side of a product (weights, K and V codes) is int8 only when its codes stay within that (ternary, 4-bit, ≤7-bit);
+# 8-bit B codes go as uint8 + 128 (the u8·u8 kernel, exact everywhere). Measured: 8-bit int8 K codes were off by
+# up to 62,583 in the int32 sum on an AVX2-only EPYC; exact with AVX512-VNNI.
+U8S8_EXACT_MAX_CODE = 64
+
+
+def u8s8_exact(bits: int) -> bool:
+    """Can int8 B codes of `bits` bits meet uint8 A codes in onnxruntime's u8·s8 kernel without int16 saturation?"""
+    return 2 ** (bits - 1) - 1 <= U8S8_EXACT_MAX_CODE
+
+
 class _Builder:
     def __init__(self, st: Student):
         from onnx import TensorProto
@@ -295,7 +308,11 @@ class _Builder:
         packed, bias = st.weights.get(f"{name}.weight"), g.tensor(st.tensors[f"{name}.bias"], "bias")
         if x.codes is not None and packed is not None:
             w = g.op("Cast", g.packed(packed.codes.t().contiguous(), packed.bits, "w"), to=self.T.INT8)  # (in, out),
-            acc = g.op("MatMulInteger", x.codes, w, self.zp_u8)  # cast to an int8 constant when onnxruntime loads it
+            if u8s8_exact(packed.bits):  # cast to an int8 constant when onnxruntime loads it
+                acc = g.op("MatMulInteger", x.codes, w, self.zp_u8)
+            else:  # uint8 = code + 128 (see U8S8_EXACT_MAX_CODE), also folded to a constant at load
+                w = g.op("Cast", g.op("Add", g.op("Cast", w, to=self.T.INT32), g.const(128, np.int32)), to=self.T.UINT8)
+                acc = g.op("MatMulInteger", x.codes, w, self.zp_u8, self.zp_u8)
             # the fake-quant linear is (codes·Δ)(w·α) summed in fp32; here the exact integer sum times Δ·α
             y = self.scaled(acc, x.step, g.tensor(packed.scale.reshape(()), "alpha"), x.per_token)
         else:
@@ -339,13 +356,13 @@ class _Builder:
             # three products of one quantized input: faster in onnxruntime than one fused QKV product and a Split
             q, k, v = (self.linear(x, f"{sa}.{n}") for n in ("query", "key", "value"))
             qa = self.act(q, f"{sa}.act_q", tok_mask)
-            ka = self.act(k, f"{sa}.act_k", tok_mask, signed=True)
-            va = self.act(v, f"{sa}.act_v", tok_mask, signed=True)
+            ka = self.act(k, f"{sa}.act_k", tok_mask, signed=self.b_side_signed(f"{sa}.act_k"))
+            va = self.act(v, f"{sa}.act_v", tok_mask, signed=self.b_side_signed(f"{sa}.act_v"))
             to_heads = lambda z, perm: g.op("Transpose", g.op("Reshape", z, heads), perm=perm)  # (B, S, D) -> (B, H, ., .)
             inv_sqrt = g.const(1 / math.sqrt(dh))
             if qa.codes is not None and ka.codes is not None:  # Δ_q of query i and Δ_k of key j leave the sum over d
                 acc = g.op("MatMulInteger", to_heads(qa.codes, [0, 2, 1, 3]), to_heads(ka.codes, [0, 2, 3, 1]),
-                           self.zp_u8)
+                           *self.zero_points(ka))
                 if qa.per_token or ka.per_token:
                     scale = g.op("Mul", self.head_step(qa, rows=True), self.head_step(ka, rows=False))
                     scores = self.scaled(acc, scale, inv_sqrt, True)
@@ -358,7 +375,7 @@ class _Builder:
             pa = self.act(probs, f"{sa}.act_probs", pair_mask, nonneg=True)
             # integer P·V needs one Δ_v for all keys j (the summed index): a per-token V scale stays a float product
             if pa.codes is not None and va.codes is not None and not va.per_token:
-                acc = g.op("MatMulInteger", pa.codes, to_heads(va.codes, [0, 2, 1, 3]), self.zp_u8)
+                acc = g.op("MatMulInteger", pa.codes, to_heads(va.codes, [0, 2, 1, 3]), *self.zero_points(va))
                 ctx = self.scaled(acc, pa.step, va.step, pa.per_token)
             else:
                 ctx = g.op("MatMul", self.value(pa), to_heads(self.value(va), [0, 2, 1, 3]))
@@ -380,6 +397,15 @@ class _Builder:
         graph = helper.make_graph(g.nodes, "kdqat_student", inputs, outputs, g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kdqat-export")
         return model
+
+    def b_side_signed(self, slot: str) -> bool:
+        """int8 codes for the B side of an integer product where the u8·s8 kernel is exact, else uint8 + 128."""
+        spec = self.st.acts.get(slot)
+        return spec is not None and u8s8_exact(spec.bits)
+
+    def zero_points(self, b: _Act) -> list[str]:
+        """MatMulInteger zero points for uint8 A codes (128) and B: int8 (0, the default) or uint8 (128)."""
+        return [self.zp_u8, self.zp_u8] if b.codes_unsigned else [self.zp_u8]
 
     def scaled(self, acc: str, step: str, factor: str, per_token: bool) -> str:
         """float(acc) · (step · factor); factor is a constant or a scalar. Per token (step (B, S, 1) or wider) as

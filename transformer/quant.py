@@ -257,11 +257,11 @@ class QuantEmbedding(nn.Embedding):
         return q
 
 
-def weight_config(cfg: QuantConfig, per_row: bool = False) -> TernaryWeightConfig | UniformWeightConfig:
-    granularity = "row" if per_row else "tensor"
-    if cfg.weight_bits == 2:
+def weight_config(cfg: QuantConfig, per_row: bool = False, bits: int | None = None) -> TernaryWeightConfig | UniformWeightConfig:
+    granularity, bits = ("row" if per_row else "tensor"), bits or cfg.weight_bits
+    if bits == 2:
         return TernaryWeightConfig(granularity, cfg.threshold_ratio, cfg.clip_val)
-    return UniformWeightConfig(cfg.weight_bits, granularity, cfg.clip_val)
+    return UniformWeightConfig(bits, granularity, cfg.clip_val)
 
 
 def act_config(cfg: QuantConfig) -> ActConfig:
@@ -280,7 +280,7 @@ def quant_plan(num_layers: int, cfg: QuantConfig) -> dict[str, QuantSpec]:
     w, act = weight_config(cfg), act_config(cfg)
     plan: dict[str, QuantSpec] = {}
     if cfg.embeddings:
-        plan["bert.embeddings.word_embeddings"] = weight_config(cfg, per_row=True)
+        plan["bert.embeddings.word_embeddings"] = weight_config(cfg, per_row=True, bits=cfg.embedding_bits)
     for i in range(num_layers):
         sa, so, p = f"bert.encoder.layer.{i}.attention.self", f"bert.encoder.layer.{i}.attention.output", f"bert.encoder.layer.{i}"
         for name, on, spec in ((f"{sa}.query", cfg.qkv, w), (f"{sa}.key", cfg.qkv, w), (f"{sa}.value", cfg.qkv, w),

@@ -189,6 +189,8 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     the teacher in HF format. Written to a temporary folder and renamed, so a crash leaves no half-teacher."""
     cfg = resolve(cfg)
     device = pick_device(cfg.train.device)
+    if cfg.train.threads:  # also when called alone (--teacher-only), not only from prepare
+        torch.set_num_threads(cfg.train.threads)
     target = Path(cfg.model.teacher_dir)
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"{target} holds files but no model checkpoint; remove it or choose another --model.teacher_dir")
@@ -236,6 +238,16 @@ def finetune_teacher(cfg: RunConfig, command: list[str]) -> Path:
     os.replace(tmp, target)
     print(f"teacher saved to {target} (dev {metrics})")
     return target
+
+
+def ensure_teacher(cfg: RunConfig, command: list[str]) -> Path:
+    """model.teacher_dir, fine-tuned first when it holds no checkpoint (one process; a concurrent launch waits)."""
+    cfg = resolve(cfg)
+    with FolderLock(Path(cfg.model.teacher_dir), "teacher folder", inside=False).acquire(wait=True):  # another run may be making it
+        if not has_checkpoint(cfg.model.teacher_dir):
+            print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
+            finetune_teacher(cfg, command)
+    return Path(cfg.model.teacher_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,13 +448,22 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
     share of every global batch (DDP); rank 0 logs, evaluates and saves. Returns result.json (on rank 0).
     """
     command = command or [sys.executable, *sys.argv]
-    t0 = time.time()
     cfg = resolve(cfg)
     steps = distill.steps_of(cfg)
-    if len(steps) > 1:  # two_step, both steps: one run folder each, step 2 continuing step 1
-        _train_step1_once(steps[0], command)
-        return train(steps[1], command)
+    # one process group for the whole command: a gloo group destroyed and made again in the same processes reuses
+    # its store keys and can hang at the next collective
     dist = distributed.setup(cfg.train.device)
+    try:
+        if len(steps) > 1:  # two_step, both steps: one run folder each, step 2 continuing step 1
+            _train_step1_once(steps[0], dist, command)
+        return train_run(steps[-1], dist, command)
+    finally:
+        dist.close()
+
+
+def train_run(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> dict:
+    """One run folder: prepare, the step loop (train step, evaluate and keep best, checkpoint or stop), finish."""
+    t0 = time.time()
     lock = FolderLock(run_folder(cfg)) if dist.is_main else None
     loop = None
     try:
@@ -461,15 +482,14 @@ def train(cfg: RunConfig, command: list[str] | None = None) -> dict:
         result = finish(loop, t0)
         dist.barrier()  # no rank moves on before rank 0 has written result.json (two-step step 2 reads it)
         return result
-    finally:  # every exit: logs closed, process group gone, lock released
+    finally:  # every exit: logs closed, lock released
         if loop is not None and loop.run is not None:
             loop.run.close()
-        dist.close()
         if lock is not None:
             lock.release()
 
 
-def _train_step1_once(cfg: RunConfig, command: list[str]) -> dict | None:
+def _train_step1_once(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> dict | None:
     """Step 1 of a two-step command; when rerun after step 2 was interrupted, a finished step 1 of the same config is
     kept (not refused as a finished run), so rerunning the command resumes where it stopped."""
     path = run_folder(cfg)
@@ -481,7 +501,7 @@ def _train_step1_once(cfg: RunConfig, command: list[str]) -> dict | None:
         if saved is not None and not incompatible_fields(saved, cfg):
             print(f"two-step step 1 already finished in {path}; continuing with step 2")
             return json.loads((path / "result.json").read_text())
-    return train(cfg, command)  # (another config in that folder: refused there as a finished run)
+    return train_run(cfg, dist, command)  # (another config in that folder: refused there as a finished run)
 
 
 def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
@@ -497,10 +517,7 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
     if not has_checkpoint(cfg.model.teacher_dir):
         if dist.world > 1:
             raise RunError(f"no teacher in {cfg.model.teacher_dir}: make it first with one process (the same command without torchrun)")
-        with FolderLock(Path(cfg.model.teacher_dir), "teacher folder", inside=False).acquire(wait=True):  # another run may be making it
-            if not has_checkpoint(cfg.model.teacher_dir):
-                print(f"no teacher in {cfg.model.teacher_dir}: fine-tuning one from {cfg.model.base_dir}")
-                finetune_teacher(cfg, command)
+        ensure_teacher(cfg, command)
     phase = distill.phase_of(cfg)
     student, layer_map, projections = make_student(cfg, init_dir, phase)  # shapes and map checked before any work
     tokenizer = load_tokenizer(cfg.model.teacher_dir)

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""results/accuracy/README.md from the runs campaign.py copied into results/accuracy/runs/ (never typed by hand).
+
+    .venv/bin/python results/accuracy/summarise.py          # README.md, table.json, cola_ti_curves.png
+
+Scores are in percent. "best dev" follows the published protocol: the best of the evaluations every
+TaskDefaults.eval_every steps and at the last step (runs evaluated more densely for the TI curves are read at
+those steps only); "final" is the last step's score. A NaN evaluation is never a best. TI-G is read from its step-2
+run (step 1 evaluates a student that has only learnt to work with the teacher's tensors in place).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+import utils_glue  # noqa: E402
+from transformer.config import TASK_DEFAULTS  # noqa: E402
+
+ROWS = ("baseline", "map", "output", "unified", "ti-g", "small")
+ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
+              "output": "output (pred + rep + attn_output)",
+              "unified": "unified, L_map + γ·L_output with γ = 1 (pred + rep + attn_map + attn_output)",
+              "ti-g": "TI-G two-step (step 1: gradual intervention, N1 steps; step 2: the rest)",
+              "small": "recommended small-model recipe (run_kd_qat_small.sh)"}
+TASK_ORDER = ("sts-b", "cola", "sst-2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
+
+
+def load_runs() -> list[dict]:
+    runs = []
+    for camp in sorted((HERE / "runs").glob("*/*/campaign.json")):
+        d = camp.parent
+        r = {**json.loads(camp.read_text()), "dir": d, "result": json.loads((d / "result.json").read_text()),
+             "config": json.loads((d / "run_config.json").read_text()),
+             "evals": [e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                       if any(k.startswith("eval/") for k in e)],
+             "command": (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else "",
+             "sha": (d / "git_sha.txt").read_text().strip() if (d / "git_sha.txt").is_file() else "unknown"}
+        runs.append(r)
+    return runs
+
+
+def score(metrics: dict, select: str) -> float:
+    v = metrics.get(select, float("nan"))
+    return 100 * v if v is not None else float("nan")
+
+
+def published_best(run: dict) -> float:
+    """Best dev score over the evaluations the published protocol makes (every eval_every steps and the last)."""
+    select, last = run["result"]["best"]["select_metric"], run["result"]["steps"]
+    every = TASK_DEFAULTS[run["task"]].eval_every
+    vals = [score({k[5:]: v for k, v in e.items() if k.startswith("eval/")}, select) for e in run["evals"]
+            if e["step"] % every == 0 or e["step"] == last]
+    vals = [v for v in vals if not math.isnan(v)]
+    return max(vals) if vals else float("nan")
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f} (1 seed)"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" + ("" if len(xs) == 3 else f" ({len(xs)} seeds)")
+
+
+def table(runs: list[dict]) -> tuple[dict, list[str]]:
+    by = defaultdict(dict)  # (task, row) -> seed -> final-call run
+    wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2
+    for r in runs:
+        wall[(r["task"], r["row"], r["seed"])] += r["result"].get("wall_s", 0.0)
+        steps[(r["task"], r["row"], r["seed"])] += r["result"]["steps"]
+        if r["call"] == r["calls"]:
+            by[(r["task"], r["row"])][r["seed"]] = r
+    tasks = sorted({t for t, _ in by}, key=TASK_ORDER.index)
+    out = {"tasks": tasks, "rows": {}}
+    for (task, row), seeds in by.items():
+        select = next(iter(seeds.values()))["result"]["best"]["select_metric"]
+        out["rows"].setdefault(row, {})[task] = {
+            "select_metric": select,
+            "best": {s: published_best(r) for s, r in sorted(seeds.items())},
+            "final": {s: score(r["result"]["final"], select) for s, r in sorted(seeds.items())},
+            "steps": {s: steps[(task, row, s)] for s in sorted(seeds)},
+            "wall_s": {s: wall[(task, row, s)] for s in sorted(seeds)},
+            "command": next(iter(seeds.values()))["command"]}
+    out["teacher"] = {}
+    for f in sorted((HERE / "teachers").glob("*.json")):  # the teachers' finetune.json, copied by campaign.py
+        info = json.loads(f.read_text())
+        out["teacher"][f.stem] = score(info["dev"], utils_glue.get_task(f.stem).select_metric)
+        tasks = sorted({*tasks, f.stem}, key=TASK_ORDER.index)
+    return out, tasks
+
+
+def ti_curves(runs: list[dict], task: str = "cola", every: int = 20):
+    """Per seed: the baseline's and TI-G's dev curves at every `every` global steps (TI step 2 shifted by N1), the
+    first step each reaches the baseline's final score, and their ratio."""
+    base = {r["seed"]: r for r in runs if r["task"] == task and r["row"] == "baseline"}
+    ti = defaultdict(dict)
+    for r in runs:
+        if r["task"] == task and r["row"] == "ti-g":
+            ti[r["seed"]][r["call"]] = r
+    out = {}
+    for seed, b in sorted(base.items()):
+        if 2 not in ti.get(seed, {}) or 1 not in ti[seed]:
+            continue
+        select = b["result"]["best"]["select_metric"]
+        n1 = ti[seed][1]["result"]["steps"]
+        curve = lambda run, shift: [(e["step"] + shift, score({k[5:]: v for k, v in e.items() if k.startswith("eval/")}, select))
+                                    for e in run["evals"] if (e["step"] + shift) % every == 0]
+        cb = curve(b, 0)
+        ct = curve(ti[seed][1], 0) + curve(ti[seed][2], n1)
+        if not cb or not ct or cb[0][0] % every:
+            continue
+        target = score(b["result"]["final"], select)
+        first = lambda c: next((s for s, v in c if v >= target), None)
+        sb, st = first(cb), first(ct)
+        out[seed] = {"target_final_baseline": target, "baseline_steps": sb, "ti_steps": st,
+                     "speedup": (sb / st) if sb and st else None, "n1": n1, "baseline": cb, "ti": ct}
+    return out
+
+
+def plot_ti(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (seed, c) in zip(axes[0], curves.items()):
+        ax.plot(*zip(*c["baseline"]), label="baseline", lw=1.2)
+        ax.plot(*zip(*c["ti"]), label="TI-G (step 1 + step 2)", lw=1.2)
+        ax.axhline(c["target_final_baseline"], color="grey", ls=":", lw=1, label="baseline final")
+        ax.axvline(c["n1"], color="grey", ls="--", lw=0.8)
+        ax.set_title(f"CoLA, seed {seed}")
+        ax.set_xlabel("optimizer step (global)")
+        ax.set_ylabel("dev Matthews corr. (%)")
+        ax.set_ylim(bottom=max(-5, min(v for _, v in c["ti"] + c["baseline"] if not math.isnan(v))))
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str]) -> str:
+    lines = ["# Accuracy: W2A8 MiniLM students on GLUE dev, mean ± std over seeds", "",
+             "> Written by `results/accuracy/summarise.py` from `results/accuracy/runs/` (made by "
+             "`results/accuracy/campaign.py`); do not edit by hand. Partial while the campaign runs: a cell says how "
+             "many seeds it has.", "",
+             "Teacher: all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned per task (one teacher per task, no seed "
+             "spread). Students: W2A8 (ternary weights, 8-bit activations), initialised from the teacher, trained "
+             "with bf16 autocast on CPU, one thread, published schedule (3 epochs, LR 2e-5, batch 32 / CoLA 16) "
+             "unless the row says otherwise. Seeds 42, 52, 62. Metrics: STS-B mean of Pearson and Spearman, CoLA "
+             "Matthews correlation, others accuracy (×100).", ""]
+    for kind, title in (("best", "best dev (published protocol: best evaluation, every N steps and the last)"),
+                        ("final", "final step")):
+        lines += [f"## {title}", "", "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines.append("| FP teacher | " + " | ".join(f"{t['teacher'][x]:.2f}" if x in t["teacher"] else "–" for x in tasks) + " |")
+        for row in ROWS:
+            if row in t["rows"]:
+                cells = [mean_std(list(t["rows"][row][x][kind].values())) if x in t["rows"][row] else "–" for x in tasks]
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Per seed (best / final, steps, wall time)", "", "| task | row | seed | best | final | steps | wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        for x in tasks:
+            cell = t["rows"].get(row, {}).get(x)
+            for s in (cell or {}).get("best", {}):
+                lines.append(f"| {x} | {row} | {s} | {cell['best'][s]:.2f} | {cell['final'][s]:.2f} | "
+                             f"{cell['steps'][s]} | {cell['wall_s'][s]:.0f} |")
+    lines += ["", "## Rows and commands (seed 42 shown; the others differ only in the seed)", ""]
+    for row in ROWS:
+        if row in t["rows"]:
+            lines.append(f"- **{row}**: {ROW_TITLES[row]}")
+            for x in tasks:
+                if x in t["rows"][row]:
+                    lines.append(f"  - {x}: `{t['rows'][row][x]['command']}`")
+    if "ti-g" in t["rows"]:
+        lines.append("- TI-G's wall time and steps are step 1 + step 2; its scores are step 2's.")
+    if curves:
+        ratios = [c["speedup"] for c in curves.values() if c["speedup"]]
+        lines += ["", "## Teacher Intervention on CoLA: steps to reach the baseline's final score", "",
+                  "Dev every 20 steps (these runs evaluate every 10; the table reads them at the published 50). "
+                  "TI-G's global step = step-1 steps + step-2 steps.", "",
+                  "| seed | baseline final | baseline first reaches it | TI-G first reaches it | ratio |",
+                  "|---|---|---|---|---|"]
+        for s, c in curves.items():
+            lines.append(f"| {s} | {c['target_final_baseline']:.2f} | {c['baseline_steps']} | {c['ti_steps']} | "
+                         + (f"{c['speedup']:.2f}×" if c["speedup"] else "never") + " |")
+        if ratios:
+            lines += ["", f"Ratio (baseline steps / TI-G steps): {mean_std(ratios).replace(' (', ' over ').rstrip(')')}"
+                      f" over {len(ratios)} seed(s); published: ~12.5× fewer fine-tuning hours (BERT-base, CoLA).",
+                      "", "![CoLA TI curves](cola_ti_curves.png)"]
+    lines += ["", "## Code version", "", "Runs were made at commit(s): " + ", ".join(f"`{s}`" for s in sorted(shas)), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    runs = load_runs()
+    if not runs:
+        print("no runs in results/accuracy/runs yet (run results/accuracy/campaign.py)")
+        return 1
+    t, tasks = table(runs)
+    curves = ti_curves(runs)
+    if curves:
+        plot_ti(curves, HERE / "cola_ti_curves.png")
+    (HERE / "table.json").write_text(json.dumps({**t, "ti_cola": {str(k): {a: b for a, b in v.items()
+                                                                           if a not in ("baseline", "ti")}
+                                                                  for k, v in curves.items()}},
+                                                indent=1, default=str) + "\n")
+    (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs}))
+    print((HERE / "README.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
