@@ -286,3 +286,16 @@ def test_a_second_launch_is_refused_while_a_run_trains_and_a_killed_holder_leave
     assert (folder / ".lock").exists()
     assert quant_task_glue.main(argv) == 0  # the stale lock is taken over
     assert (folder / "result.json").exists() and not (folder / ".lock").exists()
+
+
+def test_teacher_only_fine_tunes_the_teacher_once_and_trains_no_student(tmp_path, tiny_base, glue_dir, capsys):
+    flags = tiny_flags(tmp_path, tiny_base, glue_dir)
+    assert quant_task_glue.main(["sts-b", *flags, "--teacher-only"]) == 0
+    made = json.loads((tmp_path / "teacher" / "finetune.json").read_text())
+    capsys.readouterr()
+    assert made["steps"] == 2 and "corr" in made["dev"]
+    assert not (tmp_path / "out").exists()  # no student run
+    stamp = (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns
+    assert quant_task_glue.main(["sts-b", *flags, "--teacher-only"]) == 0  # there already: kept, not remade
+    assert (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads(capsys.readouterr().out)["steps"] == 2  # it prints the teacher's finetune.json

@@ -1,0 +1,34 @@
+"""results/accuracy/summarise.py: the published best-dev protocol read off densely evaluated runs, and the TI
+steps-to-baseline count, on hand-made evaluation logs."""
+import importlib.util
+import math
+
+from tests.conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("summarise", REPO / "results" / "accuracy" / "summarise.py")
+summarise = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(summarise)
+
+
+def _run(task, row, seed, scores: dict[int, float], call=1, calls=1, final_step=None):
+    last = final_step or max(scores)
+    return {"task": task, "row": row, "seed": seed, "call": call, "calls": calls,
+            "evals": [{"step": s, "eval/mcc": v} for s, v in sorted(scores.items())],
+            "result": {"steps": last, "best": {"select_metric": "mcc"}, "final": {"mcc": scores[last]}}}
+
+
+def test_published_best_reads_only_the_published_evaluation_steps_and_skips_nan():
+    # CoLA evaluates every 50 steps in the published protocol; a denser run's best at step 30 does not count
+    scores = {10: 0.1, 30: 0.9, 50: float("nan"), 100: 0.4, 110: 0.45, 125: 0.3}
+    assert summarise.published_best(_run("cola", "baseline", 42, scores)) == 40.0  # step 100; the last step 125 = 30.0
+    assert math.isnan(summarise.published_best(_run("cola", "baseline", 42, {50: float("nan")})))
+
+
+def test_ti_steps_to_the_baselines_final_score_count_global_steps():
+    base = _run("cola", "baseline", 42, {20: 0.1, 40: 0.3, 60: 0.5, 80: 0.45, 100: 0.5})  # final 0.5, first at 60
+    step1 = _run("cola", "ti-g", 42, {20: 0.0, 40: 0.1}, call=1, calls=2)             # N1 = 40
+    step2 = _run("cola", "ti-g", 42, {10: 0.2, 20: 0.55, 40: 0.6, 60: 0.6}, call=2, calls=2)  # global 50..100
+    (c,) = summarise.ti_curves([base, step1, step2]).values()
+    assert [(s, round(v, 6)) for s, v in c["ti"]] == [(20, 0.0), (40, 10.0), (60, 55.0), (80, 60.0), (100, 60.0)]
+    # (global step 50 is off the 20-step grid)
+    assert (c["baseline_steps"], c["ti_steps"], c["speedup"]) == (60, 60, 1.0)
