@@ -8,8 +8,9 @@
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision bf16 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA seed by
-seed (42, 52, 62; every row), then SST-2 (and any other task present) the same way. A finished run's small files (config, command, metrics, result; no weights) are copied to
-results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to continue.
+seed (42, 52, 62; every row), then SST-2 (and any other task present) the same way. A finished run's small files
+(config, command, metrics, result; no weights) are copied to results/accuracy/runs/<task>/<run name>/, which
+results/accuracy/summarise.py reads. Rerun this script to continue; rows added meanwhile join the queue.
 """
 from __future__ import annotations
 
@@ -45,20 +46,19 @@ class Row:
     """A table row: the launcher calls of one run (TI-G: step 1 then step 2)."""
     name: str
     calls: tuple[tuple[str, ...], ...]
-    dense_eval: bool = False
 
 
 def rows_for(task: str) -> list[Row]:
     dense = DENSE_EVAL.get(task, ())
     small = [Row("small", (("run_kd_qat_small.sh", task),))] if (REPO / "run_kd_qat_small.sh").is_file() else []
     return [
-        Row("baseline", (("run_kd_qat_baseline.sh", task, *dense),), bool(dense)),
+        Row("baseline", (("run_kd_qat_baseline.sh", task, *dense),)),
         *small,  # the recommended recipe second: the two rows the targets compare
         Row("map", (("run_kd_qat_map.sh", task),)),
         Row("output", (("run_kd_qat_output.sh", task),)),
         # L_map + γ·L_output with γ = 1: the published table's "map + output" row (no γ sweep yet)
         Row("unified", (("run_kd_qat_exploration.sh", task, "base", "1", "1"),)),
-        Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense)), bool(dense)),
+        Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense))),
     ]
 
 
