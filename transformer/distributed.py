@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and torch_dist.is_initialized():
+            # DDP's reducer sits in a reference cycle: collect it while its group is alive, or it is destroyed at
+            # interpreter exit with gloo threads still attached (seen: "terminate called without an active exception")
+            gc.collect()
             torch_dist.destroy_process_group()
 
 
