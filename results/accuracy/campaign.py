@@ -92,7 +92,7 @@ def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
     run, 12× STS-B's)."""
     def teacher(t):
         return Job(t, "teacher", None, (("quant_task_glue.py", t, "--teacher-only"),))
-    quick = [t for t in tasks if t in QUICK_TASKS]
+    quick = [t for t in QUICK_TASKS if t in tasks]  # STS-B first: the shortest runs and the recipe's main target
     jobs = [teacher(t) for t in quick + [t for t in tasks if t in TEACHER_ONLY_TASKS]]
     for group in (quick, [t for t in tasks if t not in QUICK_TASKS and t not in TEACHER_ONLY_TASKS]):
         jobs += [teacher(t) for t in group if t not in quick]
@@ -140,6 +140,8 @@ def run_job(job: Job, logs: Path) -> bool:
         t0 = time.time()
         with open(log, "w") as f:
             r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHON": PYTHON})
+        if r.returncode == 130:  # interrupted (Ctrl-C reaches the whole process group): its checkpoint is kept
+            raise Interrupted(job.label)
         if r.returncode != 0:
             say(f"FAILED {job.label} (exit {r.returncode}); log: {log}")
             return False
@@ -198,10 +200,20 @@ def main() -> int:
     for w in workers:
         w.start()
     for w in workers:
-        w.join()
+        while w.is_alive():
+            try:
+                w.join()
+            except KeyboardInterrupt:  # the runs got it too and stop at a checkpoint; wait for them
+                picker.stopped = True
+    if picker.stopped:
+        return 130
     ok = ok and not picker.failed
     say("campaign finished" if ok else f"campaign finished; failed: {', '.join(picker.failed)} (rerun to retry)")
     return 0 if ok else 1
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C: no worker takes another job."""
 
 
 class Picker:
@@ -212,6 +224,7 @@ class Picker:
         self.taken: set[str] = set()
         self.done: set[str] = set()
         self.failed: list[str] = []
+        self.stopped = False
 
     def next(self) -> Job | None:
         with self.lock:
@@ -227,9 +240,13 @@ class Picker:
             return None
 
     def work(self, logs: Path) -> None:
-        while (job := self.next()) is not None:
-            if not run_job(job, logs):
-                self.failed.append(job.label)
+        while not self.stopped and (job := self.next()) is not None:
+            try:
+                if not run_job(job, logs):
+                    self.failed.append(job.label)
+            except Interrupted:
+                self.stopped = True
+                say(f"interrupted in {job.label}: rerun the campaign to resume it")
 
 
 def keep_finished(job: Job) -> None:
