@@ -444,15 +444,152 @@ def download_glue(task_names: list[str], out_dir: str | Path) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data augmentation: TinyBERT-style word replacement (docs/algorithms.md §12)
+
+AUG_P, AUG_N, AUG_K = 0.4, 20, 15  # TinyBERT's p_t, N_a and K
+
+
+def word_embedding_table(model_dir: str | Path) -> np.ndarray:
+    """The (vocab, hidden) word-embedding matrix of an HF BERT folder's model.safetensors, as float32."""
+    from safetensors import safe_open
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; --model must be a Hugging Face BERT folder with model.safetensors "
+                        "(e.g. the task's teacher under models/<task>)")
+    with safe_open(str(path), framework="np") as f:
+        keys = [k for k in f.keys() if k.endswith("embeddings.word_embeddings.weight")]
+        if len(keys) != 1:
+            raise DataError(f"{path}: expected one *embeddings.word_embeddings.weight tensor, found {keys}")
+        return np.asarray(f.get_tensor(keys[0]), dtype=np.float32)
+
+
+class EmbeddingNeighbours:
+    """The K whole-word vocabulary entries nearest to a word by cosine similarity of the model's own word embeddings:
+    the candidate set of TinyBERT's replacement, where TinyBERT asks a masked-LM head (which all-MiniLM-L6-v2 lacks)
+    for single-piece words and GloVe for the others. Candidates: purely alphabetic, not '##' pieces nor [..] tokens."""
+
+    def __init__(self, table: np.ndarray, vocab: dict[str, int], k: int = AUG_K):
+        if table.shape[0] < len(vocab):
+            raise DataError(f"the word-embedding table has {table.shape[0]} rows for a vocabulary of {len(vocab)}")
+        self.vocab, self.k = vocab, k
+        self.words = sorted((w for w in vocab if w.isalpha()), key=vocab.__getitem__)
+        ids = np.array([vocab[w] for w in self.words], dtype=np.int64)
+        unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+        self.unit, self.cand = unit, unit[ids]
+        self.position = {w: i for i, w in enumerate(self.words)}
+        self._memo: dict[str, list[str]] = {}
+
+    def __call__(self, word: str) -> list[str]:
+        """K neighbours of a candidate word (most similar first, the word itself excluded); [] for other words."""
+        if word not in self.position:
+            return []
+        if word not in self._memo:
+            sim = self.cand @ self.unit[self.vocab[word]]
+            sim[self.position[word]] = -np.inf
+            top = np.argpartition(-sim, self.k)[:self.k]
+            self._memo[word] = [self.words[i] for i in top[np.argsort(-sim[top], kind="stable")]]
+        return self._memo[word]
+
+
+def augment_sentence(text: str, words_of, neighbours: EmbeddingNeighbours, rng: np.random.Generator,
+                     p: float = AUG_P) -> str:
+    """One augmented copy: each candidate word is replaced, with probability p, by one of its K neighbours drawn
+    uniformly. Words come from the tokenizer's own normalizer and pre-tokenizer (lowercased, punctuation split off),
+    so the copy tokenizes like the original wherever it is unchanged."""
+    out = []
+    for w in words_of(text):
+        cands = neighbours(w)
+        out.append(cands[int(rng.integers(len(cands)))] if cands and rng.random() < p else w)
+    return " ".join(out)
+
+
+def _raw_rows(path: Path, task: TaskSpec) -> tuple[list[str] | None, list[list[str]], int, int | None]:
+    """Header, rows and the text_a / text_b column indices of a train file (read_examples has validated it)."""
+    rows = [cols for _, cols in _read_rows(path)]
+    header = rows.pop(0) if task.header is not None and rows else None
+    n = len(header) if header is not None else task.n_cols
+    ia, ib = (_col(r, header, n, path, task) for r in (task.text_a, task.text_b))
+    return header, rows, ia, ib
+
+
+def augment_task(glue_dir: str | Path, task: TaskSpec, model_dir: str | Path, out_dir: str | Path | None = None,
+                 seed: int = 42, n: int = AUG_N, p: float = AUG_P, k: int = AUG_K, overwrite: bool = False) -> Path:
+    """Write <out_dir>/<task folder>/train_aug.tsv: every training row followed by up to n augmented copies (copies
+    equal to the row are dropped), same columns and labels; for sentence pairs only the first sentence is changed.
+    out_dir (default glue_dir) other than glue_dir gets copies of the task's other TSVs first. Never writes train,
+    dev or test files that exist there; deterministic given seed. Returns the file written."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+    if not (0 < p <= 1 and n >= 1 and k >= 1):
+        raise DataError(f"augment needs 0 < p <= 1, n >= 1 and k >= 1 (got p={p}, n={n}, k={k})")
+    src = task_dir(glue_dir, task)
+    dst = Path(out_dir or glue_dir) / task.folder
+    train = src / f"{task.train_file}.tsv"
+    read_examples(src, task, "train")  # the usual file:line errors before any work
+    target = dst / "train_aug.tsv"
+    if target.exists() and not overwrite:
+        raise DataError(f"{target} exists; pass --overwrite to replace it")
+    table = word_embedding_table(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    backend = tok.backend_tokenizer
+    words_of = lambda text: [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+    neighbours = EmbeddingNeighbours(table, tok.get_vocab(), k)
+    header, rows, ia, _ = _raw_rows(train, task)
+    rng = np.random.default_rng(seed)
+    out = [] if header is None else ["\t".join(header)]
+    for cols in tqdm(rows, desc=f"augment {task.name}", dynamic_ncols=True):
+        out.append("\t".join(cols))
+        seen = {" ".join(words_of(cols[ia]))}  # the row itself, as the copies spell it, and every copy so far
+        for _ in range(n):
+            new = augment_sentence(cols[ia], words_of, neighbours, rng, p)
+            if new not in seen:
+                seen.add(new)
+                out.append("\t".join(new if j == ia else c for j, c in enumerate(cols)))
+    dst.mkdir(parents=True, exist_ok=True)
+    if dst.resolve() != src.resolve():
+        for f in sorted(src.glob("*.tsv")):
+            if f.name == "train_aug.tsv":
+                continue
+            there = dst / f.name
+            if there.exists():
+                if there.read_bytes() != f.read_bytes():
+                    raise DataError(f"{there} exists and differs from {f}; use an empty --out folder")
+                continue
+            shutil.copy2(f, there)
+    fd, tmp = tempfile.mkstemp(prefix=".train_aug.", suffix=".tsv", dir=dst)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write("".join(line + "\n" for line in out))
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
+    os.replace(tmp, target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="utils_glue.py", description="GLUE data utilities")
     sub = parser.add_subparsers(dest="cmd", required=True)
     dl = sub.add_parser("download", help="download GLUE tasks from the Hugging Face hub as GLUE TSVs")
     dl.add_argument("--task", action="append", required=True, help=f"repeatable; one of {', '.join(TASK_NAMES)}")
     dl.add_argument("--out", default=default_glue_dir(), help="output GLUE dir (default: $GLUE_DIR or glue_data)")
+    aug = sub.add_parser("augment", help="write train_aug.tsv (TinyBERT-style word replacement) for --data.augment")
+    aug.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
+    aug.add_argument("--model", required=True,
+                     help="HF BERT folder whose tokenizer and word embeddings give the neighbours (e.g. models/sts-b)")
+    aug.add_argument("--glue_dir", default=default_glue_dir(), help="source GLUE dir (default: $GLUE_DIR or glue_data)")
+    aug.add_argument("--out", help="GLUE dir to write (default: --glue_dir; else the task's other TSVs are copied there)")
+    aug.add_argument("--seed", type=int, default=42)
+    aug.add_argument("--n", type=int, default=AUG_N, help=f"augmented copies per example (default {AUG_N})")
+    aug.add_argument("--p", type=float, default=AUG_P, help=f"replacement probability per word (default {AUG_P})")
+    aug.add_argument("--k", type=int, default=AUG_K, help=f"neighbours per word (default {AUG_K})")
+    aug.add_argument("--overwrite", action="store_true", help="replace an existing train_aug.tsv")
     args = parser.parse_args(argv)
     try:
-        download_glue(args.task, args.out)
+        if args.cmd == "download":
+            download_glue(args.task, args.out)
+        else:
+            path = augment_task(args.glue_dir, get_task(args.task), args.model, args.out, args.seed, args.n, args.p,
+                                args.k, args.overwrite)
+            print(f"wrote {path}", file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 steps-to-baseline count, on hand-made evaluation logs."""
 import importlib.util
 import math
+import sys
 
 from tests.conftest import REPO
 
@@ -32,3 +33,35 @@ def test_ti_steps_to_the_baselines_final_score_count_global_steps():
     assert [(s, round(v, 6)) for s, v in c["ti"]] == [(20, 0.0), (40, 10.0), (60, 55.0), (80, 60.0), (100, 60.0)]
     # (global step 50 is off the 20-step grid)
     assert (c["baseline_steps"], c["ti_steps"], c["speedup"]) == (60, 60, 1.0)
+
+
+_cspec = importlib.util.spec_from_file_location("campaign", REPO / "results" / "accuracy" / "campaign.py")
+campaign = importlib.util.module_from_spec(_cspec)
+sys.modules["campaign"] = campaign  # its dataclasses look their module up there
+_cspec.loader.exec_module(campaign)
+
+
+def test_unified_row_waits_for_the_gamma_sweep_then_takes_its_best_form(tmp_path, monkeypatch):
+    import json
+    folder = {}
+    for form in campaign.FORMS:
+        folder[campaign.unified_call("sts-b", form)] = tmp_path / "_".join(form)
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: folder[call])
+
+    def finish(form, corr):
+        d = folder[campaign.unified_call("sts-b", form)]
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({"best": {"select_metric": "corr", "metrics": {"corr": corr}}}))
+
+    names = lambda seed: [r.name for r in campaign.rows_for("sts-b", seed)]
+    for form, corr in zip(campaign.FORMS[:-1], (0.70, 0.81, float("nan"), 0.75, 0.80)):
+        finish(form, corr)
+    assert campaign.chosen_form("sts-b") is None  # one sweep run is still missing
+    assert "unified" not in names(52) and "unified" not in names(42)
+    assert sum(n.startswith("sweep-") for n in names(42)) == len(campaign.FORMS) and not any(
+        n.startswith("sweep-") for n in names(52))
+    finish(campaign.FORMS[-1], 0.79)
+    assert campaign.chosen_form("sts-b") == ("1", "0.5")  # NaN never wins
+    (unified,) = [r for r in campaign.rows_for("sts-b", 62) if r.name == "unified"]
+    assert unified.calls == (("run_kd_qat_exploration.sh", "sts-b", "base", "1", "0.5"),)
+    assert summarise.sweep_form("sweep-map1-out0.5") == ("1", "0.5")

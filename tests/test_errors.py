@@ -135,6 +135,10 @@ def s_unsupported_bits(env):
     return ["sts-b", *_flags(env), "--quant.weight_bits", "3"]
 
 
+def s_learned_clip_without_clip(env):
+    return ["sts-b", *_flags(env), "--quant.act_learned_clip", "--no-quant.act_clip"]
+
+
 def s_non_positive_value(env):
     return ["sts-b", *_flags(env), "--optim.lr", "0"]
 
@@ -199,6 +203,7 @@ SCENARIOS = {
     "output folder not writable": s_unwritable_output,
     "negative loss coefficient": s_negative_coefficient,
     "unsupported bit width": s_unsupported_bits,
+    "a learned clip without a clip": s_learned_clip_without_clip,
     "non-positive LR, steps or sizes": s_non_positive_value,
     "unknown key in a --config file": s_unknown_config_key,
     "task given twice": s_task_given_twice,

@@ -12,7 +12,7 @@ from transformer import export as E
 from transformer.config import QuantConfig
 from transformer.data import Batch
 from transformer.model import load_bert
-from transformer.quant import (ActConfig, QuantLinear, TernaryWeightConfig, UniformWeightConfig, quant_plan,
+from transformer.quant import (ActConfig, QuantLinear, learned_clips, load_learned_clips, TernaryWeightConfig, UniformWeightConfig, quant_plan,
                                quantize_activation, quantize_model, symmetric_codes, ternary_codes, ternary_values)
 from tests.conftest import MINILM, needs_minilm, tiny_flags
 
@@ -155,7 +155,7 @@ QUANT_VARIANTS = {"tensor": {}, "token": {"act_granularity": "token"}, "exclude_
                   "w4": {"weight_bits": 4}, "w8": {"weight_bits": 8}, "a4": {"input_bits": 4},
                   "emb4": {"embedding_bits": 4}, "emb8": {"embedding_bits": 8},
                   "no_attn_acts": {"attn_acts": False},
-                  "no_act_clip": {"act_clip": False},
+                  "no_act_clip": {"act_clip": False}, "learned_clip": {"act_learned_clip": True},
                   "fp_qkv_embeddings_pooler": {"qkv": False, "embeddings": False, "pooler": False},
                   "fp": {"enabled": False}}
 
@@ -165,6 +165,10 @@ def test_whole_model_onnx_matches_the_fake_quant_model(tiny_base, variant):
     cfg = QuantConfig(**QUANT_VARIANTS[variant])
     model = quantize_model(load_bert(tiny_base), cfg).eval()
     model64 = quantize_model(load_bert(tiny_base), cfg).eval().double()
+    if cfg.act_learned_clip:  # trained clips differ per slot (and from clip_val): give each its own
+        clips = {name: 0.8 + 0.05 * i for i, name in enumerate(learned_clips(model))}
+        load_learned_clips(model, clips)
+        load_learned_clips(model64, clips)
     session = E.onnx_session(E.build_onnx(E.student_from_model(model, cfg)).SerializeToString())
     report = E.parity(model, model64, session, _batches(model.shape.vocab_size, 32))
     print(variant, report)

@@ -7,7 +7,7 @@ from torch import nn
 
 from transformer.config import QuantConfig
 from transformer.model import ActSlot, BertForGlue
-from transformer.quant import (ActConfig, ActFakeQuantizer, QuantEmbedding, QuantLinear, TernaryWeightConfig,
+from transformer.quant import (ActConfig, ActFakeQuantizer, learned_clips, load_learned_clips, QuantEmbedding, QuantLinear, TernaryWeightConfig,
                                UniformWeightConfig, WeightFakeQuantizer, quant_plan, quantize_activation, quantize_model,
                                set_quant_enabled, symmetric_codes, ternarize, uniform_quantize)
 from tests.conftest import TINY
@@ -415,3 +415,33 @@ def test_a_compiled_kd_step_gives_the_eager_gradients():
         grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+
+
+def test_learned_clip_is_pact_value_and_gradients_by_hand():
+    """Forward: the fixed-clip quantizer at clip = α. Backward: x gets w where |x| < α; α gets +w above α, −w below −α."""
+    x = torch.tensor([-3.0, -1.0, 0.5, 2.0, 4.0], requires_grad=True)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    q = ActFakeQuantizer(ActConfig(8, 2.5, "tensor", False, learned_clip=True))
+    assert isinstance(q.clip, torch.nn.Parameter) and q.clip.item() == 2.5
+    out = q(x)
+    assert torch.equal(out, quantize_activation(x.detach(), ActConfig(8, 2.5)))
+    (out * w).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0]))
+    assert q.clip.grad.item() == 5.0 - 1.0
+    with torch.no_grad():
+        q.clip.fill_(1.5)
+    assert torch.equal(q(x), quantize_activation(x.detach(), ActConfig(8, 1.5)))
+
+
+def test_learned_clips_save_and_load_by_slot_name(tiny_base):
+    from transformer.model import load_bert
+    cfg = QuantConfig(act_learned_clip=True)
+    a, b = (quantize_model(load_bert(tiny_base), cfg) for _ in range(2))
+    clips = learned_clips(a)
+    assert len(clips) == sum(isinstance(s, ActConfig) for s in quant_plan(a.shape.num_layers, cfg).values())
+    assert set(clips.values()) == {2.5}
+    load_learned_clips(b, {n: 1.0 + i for i, n in enumerate(clips)})
+    assert list(learned_clips(b).values()) == [1.0 + i for i in range(len(clips))]
+    with pytest.raises(ValueError, match="missing"):
+        load_learned_clips(b, dict(list(clips.items())[1:]))
+    assert learned_clips(quantize_model(load_bert(tiny_base), QuantConfig())) == {}

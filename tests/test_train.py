@@ -299,3 +299,29 @@ def test_teacher_only_fine_tunes_the_teacher_once_and_trains_no_student(tmp_path
     assert quant_task_glue.main(["sts-b", *flags, "--teacher-only"]) == 0  # there already: kept, not remade
     assert (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(capsys.readouterr().out)["steps"] == 2  # it prints the teacher's finetune.json
+
+
+def test_learned_activation_clips_train_at_their_own_lr_save_and_reload(tmp_path, tiny_base, glue_dir, capsys):
+    rc, _ = _run(tmp_path, tiny_base, glue_dir, "--quant.act_learned_clip", "--optim.clip_lr", "0.05", steps=3)
+    assert rc == 0
+    (run,) = (tmp_path / "out" / "sts-b").iterdir()
+    assert "act_learned_clip=on" in run.name and "clip_lr=0.05" in run.name
+    clips = json.loads((run / "act_clips.json").read_text())
+    # BertAdam's first steps move a parameter by up to ~3.2·lr (no bias correction): at the model's LR 2e-5 no clip
+    # could move 0.002 in 3 steps, at clip_lr 0.05 some do, and none by more than 3 · 3.2 · 0.05
+    moved = [abs(v - 2.5) for v in clips.values()]
+    assert max(moved) > 0.002 and max(moved) < 3 * 3.2 * 0.05
+    best = json.loads((run / "best.json").read_text())
+    capsys.readouterr()
+    assert quant_task_glue.main(["--evaluate", str(run)]) == 0  # reloads the clips (2.5 everywhere would differ)
+    assert json.loads(capsys.readouterr().out)["corr"] == pytest.approx(best["metrics"]["corr"], abs=1e-6)
+
+
+def test_param_groups_put_learned_clips_in_their_own_group():
+    from transformer.config import QuantConfig
+    from transformer.quant import quantize_model
+    model = quantize_model(BertForGlue(TINY), QuantConfig(act_learned_clip=True))
+    groups = param_groups(model, 0.01, clip_lr_scale=50.0)
+    assert len(groups) == 3 and groups[2]["lr_scale"] == 50.0 and groups[2]["weight_decay"] == 0
+    assert len(groups[2]["params"]) == sum(1 for n, _ in model.named_parameters() if n.endswith(".clip"))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -101,6 +101,8 @@ class QuantConfig:
     act_granularity: Literal["tensor", "token"] = field(default="tensor", metadata=_help(
         "activation scale per whole batch tensor (published) or per token / attention row"))
     act_exclude_padding: bool = field(default=False, metadata=_help("padding positions do not enter the activation max"))
+    act_learned_clip: bool = field(default=False, metadata=_help(
+        "learn each activation quantizer's clip (PACT), started at clip_val, at LR --optim.clip_lr"))
     embeddings: bool = field(default=True, metadata=_help("quantize the word embeddings (one scale per row)"))
     embedding_bits: int | None = field(default=None, metadata=_help(
         "word-embedding bits (2 ternary; 4 or 8 symmetric uniform, one scale per row); default weight_bits"))
@@ -122,6 +124,8 @@ class QuantConfig:
             raise ConfigError(f"--quant.clip_val must be > 0, got {self.clip_val}")
         if not 0 <= self.threshold_ratio < 10:
             raise ConfigError(f"--quant.threshold_ratio must be in [0, 10), got {self.threshold_ratio}")
+        if self.act_learned_clip and not self.act_clip:
+            raise ConfigError("--quant.act_learned_clip learns the activation clip; it needs --quant.act_clip (a clip to learn)")
         if self.embedding_bits is not None and not self.embeddings:
             raise ConfigError("--quant.embedding_bits does nothing with --no-quant.embeddings (FP word embeddings): drop one")
         ternary = self.weight_bits == 2 or (self.embeddings and self.embedding_bits == 2)
@@ -170,12 +174,16 @@ class OptimConfig:
     weight_decay: float = field(default=0.01, metadata=_help("decoupled weight decay (none on biases and LayerNorm)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient-norm clip (per tensor for bertadam, global for adamw)"))
     adam_eps: float = field(default=1e-6, metadata=_help("Adam epsilon"))
+    clip_lr: float = field(default=1e-3, metadata=_help(
+        "peak LR of learned activation clips (--quant.act_learned_clip), same warm-up and decay, no weight decay"))
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"--optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.clip_lr <= 0:
+            raise ConfigError(f"--optim.clip_lr must be > 0, got {self.clip_lr}")
 
 
 @dataclass

@@ -434,13 +434,19 @@ def load_bert(folder: str | Path, num_labels: int | None = None, new_classifier:
     return model
 
 
-def save_bert(model: BertForGlue, folder: str | Path, extra_config: dict | None = None) -> None:
-    """Write config.json + model.safetensors under HF names (latent FP weights), loadable by HF and `load_bert`."""
+def save_bert(model: BertForGlue, folder: str | Path, extra_config: dict | None = None,
+              saved_elsewhere: frozenset[str] = frozenset()) -> None:
+    """Write config.json + model.safetensors under HF names (latent FP weights), loadable by HF and `load_bert`.
+    saved_elsewhere: state_dict keys outside the HF key table that the caller stores itself (learned clips)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     inverse = {ours: hf for hf, ours in hf_key_table(model.shape.num_layers).items() if ours is not None}
-    sd = {inverse[k]: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    unknown = set(state) - set(inverse) - saved_elsewhere
+    if unknown:
+        raise CheckpointError(f"cannot save {sorted(unknown)[:3]}: not in the Hugging Face key table")
+    sd = {inverse[k]: v.detach().contiguous().cpu() for k, v in state.items() if k in inverse}
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.shape.to_hf()
     cfg.update(extra_config or {})

@@ -170,6 +170,7 @@ class ActConfig:
     clip: float | None = 2.5                        # None: no clamp
     granularity: Literal["tensor", "token"] = "tensor"  # token: one scale per token (per attention row for probs)
     exclude_padding: bool = False                   # padding positions do not enter the max
+    learned_clip: bool = False                      # clip is a trained Parameter's starting value (PACT)
 
 
 def _valid_mask(x: Tensor, valid: Tensor | None) -> Tensor | None:
@@ -194,19 +195,36 @@ def quantize_activation(x: Tensor, cfg: ActConfig, valid: Tensor | None = None) 
     return out
 
 
+def quantize_activation_learned_clip(x: Tensor, clip: Tensor, cfg: ActConfig, valid: Tensor | None = None) -> Tensor:
+    """PACT (Choi et al., 2018), symmetric: clamp x to ±clip with `clip` a trained scalar, then the same dynamic
+    quantizer (scale max|clamped x| / n). Gradients: to x where |x| < clip (straight through the rounding), to clip
+    +1 / −1 from each entry above +clip / below −clip (d clamp / d clip)."""
+    clip = clip.to(x.dtype)
+    c = torch.minimum(torch.maximum(x, -clip), clip)
+    mask = _valid_mask(x, valid) if cfg.exclude_padding else None
+    codes, inside, step = symmetric_codes(c.detach(), cfg.bits, None, None if cfg.granularity == "tensor" else (-1,), mask)
+    return clipped_ste(c, codes.mul_(step), inside)
+
+
 class ActFakeQuantizer(nn.Module):
-    """Drop-in for the model's `ActSlot`: same (x, valid) signature."""
+    """Drop-in for the model's `ActSlot`: same (x, valid) signature. With config.learned_clip it owns the Parameter
+    `clip` (PACT), started at config.clip."""
 
     def __init__(self, config: ActConfig):
         super().__init__()
         self.config, self.enabled = config, True
+        if config.learned_clip:
+            self.clip = nn.Parameter(torch.tensor(float(config.clip)))
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         # .float(): under bf16 autocast the scale and the rounding are still computed in fp32 (a no-op for fp32 input);
         # fp64 stays fp64 (the export's parity reference runs the fake-quant model in float64)
         if not self.enabled:
             return x
-        return quantize_activation(x if x.dtype == torch.float64 else x.float(), self.config, valid)
+        x = x if x.dtype == torch.float64 else x.float()
+        if self.config.learned_clip:
+            return quantize_activation_learned_clip(x, self.clip, self.config, valid)
+        return quantize_activation(x, self.config, valid)
 
     def extra_repr(self) -> str:
         return f"{self.config}, enabled={self.enabled}"
@@ -265,7 +283,8 @@ def weight_config(cfg: QuantConfig, per_row: bool = False, bits: int | None = No
 
 
 def act_config(cfg: QuantConfig) -> ActConfig:
-    return ActConfig(cfg.input_bits, cfg.clip_val if cfg.act_clip else None, cfg.act_granularity, cfg.act_exclude_padding)
+    return ActConfig(cfg.input_bits, cfg.clip_val if cfg.act_clip else None, cfg.act_granularity, cfg.act_exclude_padding,
+                     cfg.act_learned_clip)
 
 
 QuantSpec = TernaryWeightConfig | UniformWeightConfig | ActConfig
@@ -321,3 +340,27 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if isinstance(m, (WeightFakeQuantizer, ActFakeQuantizer)):
             m.enabled = enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned activation clips (PACT): kept beside the HF-format weights, loaded through the plan's names
+
+LEARNED_CLIPS = "act_clips.json"  # run-folder file: activation slot name -> its trained clip
+
+
+def learned_clips(model: nn.Module) -> dict[str, float]:
+    """Every learned activation clip of `model`, by activation-slot name ({} when none is learned)."""
+    return {name: float(m.clip) for name, m in model.named_modules()
+            if isinstance(m, ActFakeQuantizer) and m.config.learned_clip}
+
+
+@torch.no_grad()
+def load_learned_clips(model: nn.Module, clips: dict[str, float], where: str = "") -> None:
+    """Set the learned clips from `learned_clips` output; the names must be exactly the model's learned slots."""
+    want = {name: m for name, m in model.named_modules() if isinstance(m, ActFakeQuantizer) and m.config.learned_clip}
+    if set(clips) != set(want):
+        extra, missing = sorted(set(clips) - set(want)), sorted(set(want) - set(clips))
+        raise ValueError(f"{where}learned activation clips do not match the model: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    for name, value in clips.items():
+        want[name].clip.fill_(value)

@@ -13,7 +13,7 @@ import torch
 
 from transformer.config import RunConfig, incompatible_fields, run_name
 from transformer.model import BertForGlue, CheckpointError, load_bert, save_bert
-from transformer.quant import quantize_model
+from transformer.quant import LEARNED_CLIPS, learned_clips, load_learned_clips, quantize_model
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = "checkpoint.pt"
@@ -199,7 +199,10 @@ class RunDir:
         """Save the student (HF format) into the run folder, or into <run>/<subfolder>."""
         tmp = self.path / ".saving"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_bert(model, tmp, extra_config)
+        clips = learned_clips(model)  # PACT clips are no HF tensor: a small JSON beside the weights
+        save_bert(model, tmp, extra_config, frozenset(f"{name}.clip" for name in clips))
+        if clips:
+            write_json(tmp / LEARNED_CLIPS, clips)
         tokenizer.save_pretrained(str(tmp))
         target = self.path / subfolder
         target.mkdir(exist_ok=True)
@@ -234,4 +237,8 @@ def load_run(path: str | Path) -> tuple[BertForGlue, RunConfig]:
         raise RunError(f"{path}: no run_config.json (not a run folder of quant_task_glue.py)")
     cfg = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
     model = quantize_model(load_bert(path), cfg.quant)
+    if cfg.quant.act_learned_clip:
+        if not (path / LEARNED_CLIPS).is_file():
+            raise RunError(f"{path}: trained with --quant.act_learned_clip but has no {LEARNED_CLIPS}")
+        load_learned_clips(model, json.loads((path / LEARNED_CLIPS).read_text()), f"{path}: ")
     return model, cfg

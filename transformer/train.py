@@ -33,7 +33,7 @@ from transformer.intervention import MODE_CODE, mode_at
 from transformer.losses import LossContext, active_terms, distill_loss, identity_layer_map, label_loss, required_tensors
 from transformer.model import TI_TENSOR, BertForGlue, CheckpointError, Intervention, load_bert, read_shape, save_bert
 from transformer.fast import compiled_quantizers, saved_activations_as_codes
-from transformer.quant import quantize_model
+from transformer.quant import LEARNED_CLIPS, ActFakeQuantizer, load_learned_clips, quantize_model
 from transformer.teacher_cache import TeacherCache
 from transformer.rundir import (CHECKPOINT, FolderLock, RunDir, RunError, check_run_folder, check_writable, git_sha, load_checkpoint,
                                 load_run, load_tokenizer, run_folder, save_checkpoint, write_json)
@@ -54,10 +54,18 @@ def _no_decay(name: str) -> bool:
     return name.endswith(".bias") or "LayerNorm" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if not _no_decay(n)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, clip_lr_scale: float = 1.0) -> list[dict]:
+    """Decayed weights, then biases and LayerNorms (no decay); learned activation clips (PACT), if any, in a third
+    group without decay whose LR is clip_lr_scale times the schedule's (`lr_scale`, read where the LR is set)."""
+    clips = {id(p) for m in model.modules() if isinstance(m, ActFakeQuantizer) and m.config.learned_clip
+             for p in m.parameters(recurse=False)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in clips]
+    groups = [{"params": [p for n, p in named if not _no_decay(n)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0}]
+    learned = [p for p in model.parameters() if id(p) in clips and p.requires_grad]
+    if learned:
+        groups.append({"params": learned, "weight_decay": 0.0, "lr_scale": clip_lr_scale})
+    return groups
 
 
 class BertAdam(torch.optim.Optimizer):
@@ -118,7 +126,7 @@ class ClippedAdamW(torch.optim.AdamW):
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.clip_lr / cfg.lr)
     if cfg.optimizer == "bertadam":
         return BertAdam(groups, lr=cfg.lr, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     return ClippedAdamW(groups, cfg.max_grad_norm, lr=cfg.lr, eps=cfg.adam_eps)
@@ -524,6 +532,8 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
     data = load_task_data(cfg.data, tokenizer)
     teacher = load_bert(cfg.model.teacher_dir, num_labels=data.task.num_labels).to(device).eval().requires_grad_(False)
     student = quantize_model(student, cfg.quant).to(device).train()
+    if cfg.quant.act_learned_clip and (init_dir / LEARNED_CLIPS).is_file():  # TI step 2 continues step 1's clips
+        load_learned_clips(student, json.loads((init_dir / LEARNED_CLIPS).read_text()), f"{init_dir}: ")
     trained = distill.TrainedStudent(student, projections.to(device))
     total, before = step_budget(cfg, len(data.train))
     start = state["step"] if state else 0
@@ -603,7 +613,7 @@ def train_step(loop: Loop, step: int, stop: StopRequest) -> tuple[torch.Tensor, 
         logged += share * torch.stack([loss, *terms.values()]).detach()
     lr = lr_at(step, loop.total, cfg.optim.lr, cfg.optim.warmup_ratio)
     for g in loop.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in loop.model.parameters() if p.grad is not None])
     flags = dist.all_reduce_sum(torch.stack([(torch.isfinite(logged).all() & torch.isfinite(grad_norm)).float(),
                                              torch.tensor(float(stop.requested), device=device)]))
