@@ -6,7 +6,7 @@
     ... --tasks cola --seeds 42     a slice of the queue
 
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
-`--train.threads 1 --train.precision bf16 --train.seed S`, into output/<task>/<default run name>. The queue is
+`--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
 tier (TIERS: baseline, recipe and map; TI-G; output and unified), each for seeds 42, 52, 62, then SST-2 (and any
 other task present) the same way. A finished run's small files (config, command, metrics, result; no weights) are
@@ -82,6 +82,7 @@ def rows_for(task: str, seed: int) -> list[Row]:
         Row("output", (("run_kd_qat_output.sh", task),)),
         *unified,
         Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense))),
+        *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
     ]
 
 
@@ -110,9 +111,17 @@ class Job:
         return f"{self.task}/{self.row}" + (f"/s{self.seed}" if self.seed is not None else "")
 
 
-def common_flags(seed: int | None) -> list[str]:
+# fp32, not bf16: bf16 halves a step on CPUs with AVX512-BF16 / AMX but is ~7× slower per matmul on AVX2-only ones
+# (torch's fallback GEMM), and the machine differs between sessions; one precision keeps the table one protocol.
+PRECISION = "fp32"
+# The teachers were fine-tuned in bf16 before that was known; keeping their flags lets a later session (whose machine
+# has no models/) make the same teachers again: two sessions did, bit for bit (results/accuracy/teachers/).
+TEACHER_PRECISION = "bf16"
+
+
+def common_flags(seed: int | None, precision: str = PRECISION) -> list[str]:
     glue = os.environ.get("GLUE_DIR")
-    return [*(["--data.glue_dir", glue] if glue else []), "--train.threads", "1", "--train.precision", "bf16",
+    return [*(["--data.glue_dir", glue] if glue else []), "--train.threads", "1", "--train.precision", precision,
             *(["--train.seed", str(seed)] if seed is not None else [])]
 
 
@@ -123,9 +132,13 @@ def launcher_cmd(call: tuple[str, ...], seed: int | None) -> list[str]:
     return ["bash", script, *args, *common_flags(seed)]
 
 
+# Single levers on top of the map recipe (the issue's §2 ablations); the small recipe puts some of them together.
+LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip",),
+          "emb8": ("--quant.embedding_bits", "8"), "long": ("--train.epochs", "6", "--optim.lr", "5e-5")}
 # Rows in order of what the targets need first: the recipe against the baseline and map (3 seeds), then the
-# TI comparison, then output and unified. A tier runs for every quick task and seed before the next tier starts.
-TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"))
+# TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
+# before the next tier starts.
+TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"), tuple(f"map+{k}" for k in LEVERS))
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
@@ -188,7 +201,8 @@ def say(msg: str) -> None:
 
 def run_job(job: Job, logs: Path) -> bool:
     for i, call in enumerate(job.calls):
-        cmd = [PYTHON, *call, *common_flags(None)] if call[0] == "quant_task_glue.py" else launcher_cmd(call, job.seed)
+        cmd = [PYTHON, *call, *common_flags(None, TEACHER_PRECISION)] if call[0] == "quant_task_glue.py" else \
+            launcher_cmd(call, job.seed)
         folder = None if call[0] == "quant_task_glue.py" else folder_of(call, job.seed)
         if folder is not None and finished(folder):
             keep_call(job, i, folder)

@@ -23,13 +23,17 @@ sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402
 from transformer.config import TASK_DEFAULTS  # noqa: E402
 
-ROWS = ("baseline", "map", "output", "unified", "ti-g", "small")
+ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "map+pact", "map+emb8", "map+long")
 ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
               "output": "output (pred + rep + attn_output)",
               "unified": "unified, pred + rep + map_coeff·attn_map + output_coeff·attn_output, the form and γ the "
                          "seed-42 sweep below picked (best dev; that seed's score is therefore optimistic)",
               "ti-g": "TI-G two-step (step 1: gradual intervention, N1 steps; step 2: the rest)",
-              "small": "recommended small-model recipe (run_kd_qat_small.sh)"}
+              "small": "recommended small-model recipe (run_kd_qat_small.sh)",
+              "map+noclip": "map with one lever: no activation clip (--no-quant.act_clip)",
+              "map+pact": "map with one lever: learned activation clips (--quant.act_learned_clip, PACT)",
+              "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8)",
+              "map+long": "map with one lever: 6 epochs at LR 5e-5 (the published schedule is 3 at 2e-5)"}
 TASK_ORDER = ("sts-b", "cola", "sst-2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
 
 
@@ -152,14 +156,15 @@ def sweep_form(row: str) -> tuple[str, str]:
     return m, o
 
 
-def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str]) -> str:
+def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precisions: set[str]) -> str:
     lines = ["# Accuracy: W2A8 MiniLM students on GLUE dev, mean ± std over seeds", "",
              "> Written by `results/accuracy/summarise.py` from `results/accuracy/runs/` (made by "
              "`results/accuracy/campaign.py`); do not edit by hand. Partial while the campaign runs: a cell says how "
              "many seeds it has.", "",
              "Teacher: all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned per task (one teacher per task, no seed "
              "spread). Students: W2A8 (ternary weights, 8-bit activations), initialised from the teacher, trained "
-             "with bf16 autocast on CPU, one thread, published schedule (3 epochs, LR 2e-5, batch 32 / CoLA 16) "
+             f"in {' and '.join(sorted(precisions))} on CPU (bf16 autocast matched fp32 within seed noise on STS-B), "
+             "one thread, published schedule (3 epochs, LR 2e-5, batch 32 / CoLA 16) "
              "unless the row says otherwise. Seeds 42, 52, 62. Metrics: STS-B mean of Pearson and Spearman, CoLA "
              "Matthews correlation, others accuracy (×100).", ""]
     for kind, title in (("best", "best dev (published protocol: best evaluation, every N steps and the last)"),
@@ -230,7 +235,7 @@ def main() -> int:
                                                                            if a not in ("baseline", "ti")}
                                                                   for k, v in curves.items()}},
                                                 indent=1, default=str) + "\n")
-    (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs}))
+    (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs}, {r["config"]["train"]["precision"] for r in runs}))
     print((HERE / "README.md").read_text())
     return 0
 
