@@ -65,3 +65,15 @@ def test_unified_row_waits_for_the_gamma_sweep_then_takes_its_best_form(tmp_path
     (unified,) = [r for r in campaign.rows_for("sts-b", 62) if r.name == "unified"]
     assert unified.calls == (("run_kd_qat_exploration.sh", "sts-b", "base", "1", "0.5"),)
     assert summarise.sweep_form("sweep-map1-out0.5") == ("1", "0.5")
+
+
+def test_targets_report_the_recipes_gap_and_paired_differences():
+    cell = lambda best: {"best": dict(zip((42, 52, 62), best))}
+    t = {"teacher": {"sts-b": 84.5, "cola": 26.4},
+         "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
+                  "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])}}}
+    text = "\n".join(summarise.targets(t))
+    assert "STS-B: 1.00 points below (3 seed(s)); target ≤ 1.0 over 3 seeds: met" in text
+    assert "open (missing: sst-2)" in text
+    assert "map − baseline on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +1.00, -0.50" in text
+    assert "small − baseline on sts-b: +6.00" in text

@@ -83,6 +83,10 @@ def rows_for(task: str, seed: int) -> list[Row]:
         *unified,
         Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense))),
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
+        # TinyBERT's two stages through the general-distillation schedule: the encoder with rep + attn_map, then the
+        # head (pooler + classifier) with pred for the last quarter of the budget (docs/algorithms.md §7)
+        Row("map+twostage", tuple(("run_kd_qat_map.sh", task, "--distill.schedule", "two_step", "--distill.step", k)
+                                  for k in ("1", "2"))),
     ]
 
 
@@ -138,7 +142,7 @@ LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip
 # Rows in order of what the issue's targets need first: the recipe against the baseline and map (3 seeds), then the
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.
-TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"), tuple(f"map+{k}" for k in LEVERS))
+TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"), (*(f"map+{k}" for k in LEVERS), "map+twostage"))
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
