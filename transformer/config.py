@@ -174,7 +174,7 @@ class OptimConfig:
     weight_decay: float = field(default=0.01, metadata=_help("decoupled weight decay (none on biases and LayerNorm)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient-norm clip (per tensor for bertadam, global for adamw)"))
     adam_eps: float = field(default=1e-6, metadata=_help("Adam epsilon"))
-    clip_lr: float = field(default=1e-3, metadata=_help(
+    clip_lr: float = field(default=1e-2, metadata=_help(
         "peak LR of learned activation clips (--quant.act_learned_clip), same warm-up and decay, no weight decay"))
 
     def __post_init__(self):

@@ -83,11 +83,34 @@ def rows_for(task: str, seed: int) -> list[Row]:
         *unified,
         Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense))),
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
+        Row("map+aug", (("run_kd_qat_map.sh", task, "--data.glue_dir", str(AUG_DIR), "--data.augment",
+                         "--train.max_steps", str(long_steps(task)), "--optim.lr", "5e-5"),)),
         # TinyBERT's two stages through the general-distillation schedule: the encoder with rep + attn_map, then the
         # head (pooler + classifier) with pred for the last quarter of the budget (docs/algorithms.md §7)
         Row("map+twostage", tuple(("run_kd_qat_map.sh", task, "--distill.schedule", "two_step", "--distill.step", k)
                                   for k in ("1", "2"))),
     ]
+
+
+def long_steps(task: str) -> int:
+    """map+long's step count: 6 epochs of the original training set at the task's batch size."""
+    from transformer.config import TASK_DEFAULTS
+    from transformer.data import steps_per_epoch
+    spec = utils_glue.get_task(task)
+    n = len(utils_glue.read_examples(utils_glue.task_dir(glue_dir(), spec), spec, "train"))
+    return 6 * steps_per_epoch(n, TASK_DEFAULTS[task].batch_size)
+
+
+def glue_dir() -> Path:
+    return Path(os.environ.get("GLUE_DIR") or utils_glue.default_glue_dir())
+
+
+def ensure_augmented(task: str) -> None:
+    """AUG_DIR/<task>/train_aug.tsv (and copies of the task's other files), unless it is there already."""
+    spec = utils_glue.get_task(task)
+    if not (REPO / AUG_DIR / spec.folder / "train_aug.tsv").is_file():
+        say(f"writing {AUG_DIR / spec.folder / 'train_aug.tsv'} (utils_glue.py augment, teacher models/{task})")
+        utils_glue.augment_task(glue_dir(), spec, REPO / "models" / task, REPO / AUG_DIR, seed=42)
 
 
 def chosen_form(task: str) -> tuple[str, str] | None:
@@ -131,9 +154,13 @@ def common_flags(seed: int | None, precision: str = PRECISION) -> list[str]:
 
 def launcher_cmd(call: tuple[str, ...], seed: int | None) -> list[str]:
     script, *args = call
+    common = common_flags(None if script == "run_kd_qat_exploration.sh" else seed)
+    if "--data.glue_dir" in args:  # the call's own data folder (map+aug) wins over GLUE_DIR
+        i = common.index("--data.glue_dir") if "--data.glue_dir" in common else None
+        common = common if i is None else common[:i] + common[i + 2:]
     if script == "run_kd_qat_exploration.sh":  # TASK MODEL MAP OUTPUT [SEED]: its seed is positional
-        return ["bash", script, *args, str(seed), *common_flags(None)]
-    return ["bash", script, *args, *common_flags(seed)]
+        return ["bash", script, *args, str(seed), *common]
+    return ["bash", script, *args, *common]
 
 
 # Single levers on top of the map recipe (the issue's §2 ablations); the small recipe puts some of them together.
@@ -142,7 +169,11 @@ LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip
 # Rows in order of what the issue's targets need first: the recipe against the baseline and map (3 seeds), then the
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.
-TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"), (*(f"map+{k}" for k in LEVERS), "map+twostage"))
+TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"),
+         (*(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
+# map+aug: `utils_glue.py augment` data (made here once per machine, from the task's teacher, seed 42), trained for
+# map+long's step count at its LR, so the two differ only in the data
+AUG_DIR = Path("data") / "glue_aug"
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
@@ -211,6 +242,8 @@ def run_job(job: Job, logs: Path) -> bool:
         if folder is not None and finished(folder):
             keep_call(job, i, folder)
             continue
+        if "--data.augment" in call:
+            ensure_augmented(job.task)
         log = logs / f"{job.label.replace('/', '_')}_{i + 1}.log"
         say(f"start {job.label} ({i + 1}/{len(job.calls)}): {' '.join(cmd)}")
         t0 = time.time()
@@ -259,8 +292,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each one CPU thread)")
     p.add_argument("--list", action="store_true", help="print the queue with what is finished and exit")
     args = p.parse_args()
-    glue = Path(os.environ.get("GLUE_DIR") or utils_glue.default_glue_dir())
-    tasks = [t for t in args.tasks if (glue / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
+    tasks = [t for t in args.tasks if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
     jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
     if args.list:
         for j in jobs:

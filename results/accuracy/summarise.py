@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402
 from transformer.config import TASK_DEFAULTS  # noqa: E402
 
-ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "map+pact", "map+emb8", "map+long", "map+twostage")
+ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "map+pact", "map+emb8", "map+long", "map+aug", "map+twostage")
 ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
               "output": "output (pred + rep + attn_output)",
               "unified": "unified, pred + rep + map_coeff·attn_map + output_coeff·attn_output, the form and γ the "
@@ -34,6 +34,8 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
               "map+pact": "map with one lever: learned activation clips (--quant.act_learned_clip, PACT)",
               "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8)",
               "map+long": "map with one lever: 6 epochs at LR 5e-5 (the published schedule is 3 at 2e-5)",
+              "map+aug": "map on `utils_glue.py augment` data (embedding-neighbour word replacement, 20 copies), "
+                         "map+long's steps and LR: the two differ only in the data",
               "map+twostage": "map in two stages (--distill.schedule two_step): encoder with rep + attn_map, then "
                               "the head with pred for the last 25% of the steps; read from stage 2"}
 TASK_ORDER = ("sts-b", "cola", "sst-2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
