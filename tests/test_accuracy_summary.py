@@ -47,6 +47,7 @@ def test_unified_row_waits_for_the_gamma_sweep_then_takes_its_best_form(tmp_path
     for form in campaign.FORMS:
         folder[campaign.unified_call("sts-b", form)] = tmp_path / "_".join(form)
     monkeypatch.setattr(campaign, "folder_of", lambda call, seed: folder[call])
+    monkeypatch.setattr(campaign, "long_steps", lambda task: 1080)  # reads the training set otherwise
 
     def finish(form, corr):
         d = folder[campaign.unified_call("sts-b", form)]

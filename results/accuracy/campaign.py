@@ -92,6 +92,7 @@ def rows_for(task: str, seed: int) -> list[Row]:
     ]
 
 
+@functools.cache
 def long_steps(task: str) -> int:
     """map+long's step count: 6 epochs of the original training set at the task's batch size."""
     from transformer.config import TASK_DEFAULTS
