@@ -166,7 +166,9 @@ def launcher_cmd(call: tuple[str, ...], seed: int | None) -> list[str]:
 
 # Single levers on top of the map recipe (the issue's §2 ablations); the small recipe puts some of them together.
 LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip",),
-          "emb8": ("--quant.embedding_bits", "8"), "long": ("--train.epochs", "6", "--optim.lr", "5e-5")}
+          "emb8": ("--quant.embedding_bits", "8"), "long": ("--train.epochs", "6", "--optim.lr", "5e-5"),
+          # long's two halves: at equal steps (6ep vs long: the LR alone), at equal LR (map vs 6ep: the steps alone)
+          "6ep": ("--train.epochs", "6"), "lr5e-5": ("--optim.lr", "5e-5")}
 # Rows in order of what the targets need first: the recipe against the baseline and map (3 seeds), then the
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.

@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402
 from transformer.config import TASK_DEFAULTS  # noqa: E402
 
-ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "map+pact", "map+emb8", "map+long", "map+aug", "map+twostage")
+ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "map+pact", "map+emb8", "map+long",
+        "map+6ep", "map+lr5e-5", "map+aug", "map+twostage")
 ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
               "output": "output (pred + rep + attn_output)",
               "unified": "unified, pred + rep + map_coeff·attn_map + output_coeff·attn_output, the form and γ the "
@@ -34,6 +35,8 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
               "map+pact": "map with one lever: learned activation clips (--quant.act_learned_clip, PACT)",
               "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8)",
               "map+long": "map with one lever: 6 epochs at LR 5e-5 (the published schedule is 3 at 2e-5)",
+              "map+6ep": "map with 6 epochs at the published LR 2e-5 (map+long's steps and wall time, not its LR)",
+              "map+lr5e-5": "map at LR 5e-5 for the published 3 epochs (map+long's LR, half its steps)",
               "map+aug": "map on `utils_glue.py augment` data (embedding-neighbour word replacement, 20 copies), "
                          "map+long's steps and LR: the two differ only in the data",
               "map+twostage": "map in two stages (--distill.schedule two_step): encoder with rep + attn_map, then "
