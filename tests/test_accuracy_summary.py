@@ -78,3 +78,32 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     assert "open (missing: sst-2)" in text
     assert "map − baseline on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +1.00, -0.50" in text
     assert "small − baseline on sts-b: +6.00" in text
+
+
+def test_queue_runs_teachers_then_tier_by_tier_each_over_every_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "never-finished")
+    monkeypatch.setattr(campaign, "long_steps", lambda task: 1080)
+    labels = [j.label for j in campaign.queue(["sts-b", "cola", "rte"], [42, 52])]
+    assert labels[:3] == ["sts-b/teacher", "cola/teacher", "rte/teacher"]
+    assert labels[3:9] == ["sts-b/baseline/s42", "sts-b/small/s42", "sts-b/map/s42",
+                           "sts-b/baseline/s52", "sts-b/small/s52", "sts-b/map/s52"]
+    assert labels[9] == "cola/baseline/s42" and labels[15] == "sts-b/ti-g/s42"
+    assert labels.index("cola/map/s52") < labels.index("sts-b/ti-g/s42") < labels.index("sts-b/output/s42")
+    assert "sts-b/sweep-map1-out0.5/s42" in labels and not any("unified" in x for x in labels)  # sweep not done
+    assert not any(x.startswith("rte/") and "teacher" not in x for x in labels)  # RTE: teacher row only
+
+
+def test_a_changed_teacher_stops_the_campaign(tmp_path, monkeypatch):
+    import json
+    import pytest
+    monkeypatch.setattr(campaign, "REPO", tmp_path)
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    (tmp_path / "models" / "cola").mkdir(parents=True)
+    made = tmp_path / "models" / "cola" / "finetune.json"
+    made.write_text(json.dumps({"dev": {"mcc": 0.26}}))
+    campaign.keep_teacher("cola")  # the first teacher is kept
+    assert json.loads((tmp_path / "acc" / "teachers" / "cola.json").read_text())["dev"] == {"mcc": 0.26}
+    campaign.keep_teacher("cola")  # the same one again: fine
+    made.write_text(json.dumps({"dev": {"mcc": 0.30}}))
+    with pytest.raises(SystemExit, match="is not the teacher of the committed runs"):
+        campaign.keep_teacher("cola")

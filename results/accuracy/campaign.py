@@ -142,9 +142,10 @@ class Job:
 # fp32, not bf16: bf16 halves a step on CPUs with AVX512-BF16 / AMX but is ~7× slower per matmul on AVX2-only ones
 # (torch's fallback GEMM), and the machine differs between sessions; one precision keeps the table one protocol.
 PRECISION = "fp32"
-# The teachers were fine-tuned in bf16 before that was known; keeping their flags lets a later session (whose machine
-# has no models/) make the same teachers again: two sessions did, bit for bit (results/accuracy/teachers/).
-TEACHER_PRECISION = "bf16"
+# These teachers were fine-tuned in bf16 before that was known; keeping their flags lets a later session (whose
+# machine has no models/) make the same teachers again: two sessions did, bit for bit (results/accuracy/teachers/).
+# Other tasks' teachers are fine-tuned in fp32. keep_teacher refuses a teacher that differs from the committed one.
+TEACHER_PRECISION = {"sts-b": "bf16", "cola": "bf16", "rte": "bf16"}
 
 
 def common_flags(seed: int | None, precision: str = PRECISION) -> list[str]:
@@ -239,7 +240,8 @@ def say(msg: str) -> None:
 
 def run_job(job: Job, logs: Path) -> bool:
     for i, call in enumerate(job.calls):
-        cmd = [PYTHON, *call, *common_flags(None, TEACHER_PRECISION)] if call[0] == "quant_task_glue.py" else \
+        cmd = [PYTHON, *call, *common_flags(None, TEACHER_PRECISION.get(job.task, PRECISION))] \
+            if call[0] == "quant_task_glue.py" else \
             launcher_cmd(call, job.seed)
         folder = None if call[0] == "quant_task_glue.py" else folder_of(call, job.seed)
         if folder is not None and finished(folder):
@@ -266,11 +268,20 @@ def run_job(job: Job, logs: Path) -> bool:
 
 
 def keep_teacher(task: str) -> None:
-    """The teacher's finetune.json (dev score, steps, wall time, command) as results/accuracy/teachers/<task>.json."""
+    """The teacher's finetune.json (dev score, steps, wall time, command) as results/accuracy/teachers/<task>.json.
+    A teacher whose dev scores differ from the committed one's stops the campaign: the table's rows must share it."""
     found = REPO / "models" / task / "finetune.json"
-    if found.is_file():
-        (HERE / "teachers").mkdir(exist_ok=True)
-        shutil.copy2(found, HERE / "teachers" / f"{task}.json")
+    if not found.is_file():
+        return
+    kept = HERE / "teachers" / f"{task}.json"
+    if kept.is_file():
+        old, new = json.loads(kept.read_text())["dev"], json.loads(found.read_text())["dev"]
+        if old != new:
+            raise SystemExit(f"models/{task} (dev {new}) is not the teacher of the committed runs (dev {old}, "
+                             f"{kept}): restore that teacher, or start the task's table afresh (remove {kept} and "
+                             f"results/accuracy/runs/{task}/)")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(found, kept)
 
 
 def keep_call(job: Job, index: int, folder: Path) -> None:
