@@ -2,7 +2,7 @@
 """The runs behind results/accuracy/README.md, resumable: a finished run is skipped, an interrupted one resumed.
 
     GLUE_DIR=../shared/data/glue PYTHON=.venv/bin/python .venv/bin/python results/accuracy/campaign.py [--jobs 2]
-    ... --list                      print the queue and what is finished, run nothing
+    ... --list                      print the queue and what is done, busy (held by a live run) or todo
     ... --tasks cola --seeds 42     a slice of the queue
 
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
@@ -311,7 +311,7 @@ def main() -> int:
     if args.list:
         for j in jobs:
             state = "teacher" if j.row == "teacher" else \
-                " ".join("done" if finished(f) else "todo" for f in folders(j))
+                " ".join("done" if finished(f) else "busy" if busy(f) else "todo" for f in folders(j))
             print(f"{j.label:24s} {state}")
         return 0
     logs = REPO / "output" / "accuracy_logs"
