@@ -33,7 +33,8 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
               "small": "recommended small-model recipe (run_kd_qat_small.sh)",
               "map+noclip": "map with one lever: no activation clip (--no-quant.act_clip)",
               "map+pact": "map with one lever: learned activation clips (--quant.act_learned_clip, PACT)",
-              "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8)",
+              "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8; the export grows by "
+                          "30,522 × 384 × 6 bits = 8.8 MB, docs/algorithms.md §11)",
               "map+long": "map with one lever: 6 epochs at LR 5e-5 (the published schedule is 3 at 2e-5)",
               "map+6ep": "map with 6 epochs at the published LR 2e-5 (map+long's steps and wall time, not its LR)",
               "map+lr5e-5": "map at LR 5e-5 for the published 3 epochs (map+long's LR, half its steps)",
