@@ -147,7 +147,7 @@ def _student_from_model(model: BertForGlue, cfg: QuantConfig) -> Student:
     weights = {f"{name}.weight": pack_weight(sd[f"{name}.weight"], spec) for name, spec in plan.items()
                if not isinstance(spec, ActConfig)}
     # a learned (PACT) clip is a constant once trained: the exported quantizer takes it as its fixed clip
-    acts = {name: dataclasses.replace(spec, clip=float(model.get_submodule(name).clip), learned_clip=False)
+    acts = {name: dataclasses.replace(spec, clip=model.get_submodule(name).clip.detach().item(), learned_clip=False)
             if spec.learned_clip else spec for name, spec in plan.items() if isinstance(spec, ActConfig)}
     clips = {f"{name}.clip" for name, spec in plan.items() if isinstance(spec, ActConfig) and spec.learned_clip}
     return Student(model.shape, cfg, weights, {k: v for k, v in sd.items() if k not in weights and k not in clips}, acts)

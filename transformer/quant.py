@@ -350,7 +350,7 @@ LEARNED_CLIPS = "act_clips.json"  # run-folder file: activation slot name -> its
 
 def learned_clips(model: nn.Module) -> dict[str, float]:
     """Every learned activation clip of `model`, by activation-slot name ({} when none is learned)."""
-    return {name: float(m.clip) for name, m in model.named_modules()
+    return {name: m.clip.detach().item() for name, m in model.named_modules()
             if isinstance(m, ActFakeQuantizer) and m.config.learned_clip}
 
 
