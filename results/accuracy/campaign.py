@@ -4,6 +4,7 @@
     GLUE_DIR=../shared/data/glue PYTHON=.venv/bin/python .venv/bin/python results/accuracy/campaign.py [--jobs 2]
     ... --list                      print the queue and what is done, busy (held by a live run) or todo
     ... --tasks cola --seeds 42     a slice of the queue
+    ... --collect                   copy the finished runs' small files to results/accuracy/runs/, run nothing
 
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
@@ -305,6 +306,8 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each one CPU thread)")
     p.add_argument("--list", action="store_true", help="print the queue with what is finished and exit")
+    p.add_argument("--collect", action="store_true",
+                   help="copy every finished run of the queue to results/accuracy/runs/ and exit (runs nothing)")
     args = p.parse_args()
     tasks = [t for t in args.tasks if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
     jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
@@ -313,6 +316,12 @@ def main() -> int:
             state = "teacher" if j.row == "teacher" else \
                 " ".join("done" if finished(f) else "busy" if busy(f) else "todo" for f in folders(j))
             print(f"{j.label:24s} {state}")
+        return 0
+    if args.collect:
+        done = [j for j in jobs if j.row != "teacher" and all(finished(f) for f in folders(j))]
+        for j in done:
+            keep_finished(j)
+        say(f"collected {len(done)} finished run(s)")
         return 0
     logs = REPO / "output" / "accuracy_logs"
     logs.mkdir(parents=True, exist_ok=True)
