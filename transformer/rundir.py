@@ -64,6 +64,19 @@ class FolderLock:
         except OSError:
             return "unknown"
 
+    def held(self) -> bool:
+        """Whether a live process holds this lock now (a probe: takes nothing)."""
+        try:
+            with open(self.path) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except FileNotFoundError:
+            pass
+        return False
+
     def acquire(self, wait: bool = False) -> FolderLock:
         """Take the lock; refused with a RunError naming the folder and the holder (or, with wait, block until free)."""
         missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]

@@ -9,7 +9,8 @@
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
-tier (TIERS: baseline, recipe and map; TI-G; output and unified), each for seeds 42, 52, 62, then SST-2 (and any
+tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep; single-lever ablations), each for
+seeds 42, 52, 62, then SST-2 (and any
 other task present) the same way. A finished run's small files (config, command, metrics, result; no weights) are
 copied to results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
 continue; a run folder another live process holds is left to it.
@@ -17,7 +18,6 @@ continue; a run folder another live process holds is left to it.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
 import json
 import math
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402  (the repository is not a package)
-from transformer.rundir import LOCK  # noqa: E402
+from transformer.rundir import FolderLock  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("PYTHON", sys.executable)
@@ -149,18 +149,16 @@ PRECISION = "fp32"
 TEACHER_PRECISION = {"sts-b": "bf16", "cola": "bf16", "rte": "bf16"}
 
 
-def common_flags(seed: int | None, precision: str = PRECISION) -> list[str]:
-    glue = os.environ.get("GLUE_DIR")
+def common_flags(seed: int | None, precision: str = PRECISION, with_glue: bool = True) -> list[str]:
+    glue = os.environ.get("GLUE_DIR") if with_glue else None
     return [*(["--data.glue_dir", glue] if glue else []), "--train.threads", "1", "--train.precision", precision,
             *(["--train.seed", str(seed)] if seed is not None else [])]
 
 
 def launcher_cmd(call: tuple[str, ...], seed: int | None) -> list[str]:
     script, *args = call
-    common = common_flags(None if script == "run_kd_qat_exploration.sh" else seed)
-    if "--data.glue_dir" in args:  # the call's own data folder (map+aug) wins over GLUE_DIR
-        i = common.index("--data.glue_dir") if "--data.glue_dir" in common else None
-        common = common if i is None else common[:i] + common[i + 2:]
+    # a call with its own data folder (map+aug) does not get GLUE_DIR
+    common = common_flags(None if script == "run_kd_qat_exploration.sh" else seed, with_glue="--data.glue_dir" not in args)
     if script == "run_kd_qat_exploration.sh":  # TASK MODEL MAP OUTPUT [SEED]: its seed is positional
         return ["bash", script, *args, str(seed), *common]
     return ["bash", script, *args, *common]
@@ -219,16 +217,7 @@ def finished(folder: Path) -> bool:
 
 def busy(folder: Path) -> bool:
     """A run folder some live process holds (another campaign, or a run started by hand): leave it to that process."""
-    lock = folder / LOCK
-    if not lock.is_file():
-        return False
-    with open(lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    return FolderLock(folder).held()
 
 
 print_lock = threading.Lock()
