@@ -107,3 +107,48 @@ def test_a_changed_teacher_stops_the_campaign(tmp_path, monkeypatch):
     made.write_text(json.dumps({"dev": {"mcc": 0.30}}))
     with pytest.raises(SystemExit, match="is not the teacher of the committed runs"):
         campaign.keep_teacher("cola")
+
+
+def test_the_picker_skips_runs_finished_here_or_committed_leaves_busy_ones_and_hands_out_the_first_todo(tmp_path, monkeypatch):
+    import json
+    from transformer.rundir import FolderLock
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "out" / f"{call[0]}-s{seed}")
+    jobs = [campaign.Job("sts-b", row, 42, ((f"run_kd_qat_{row}.sh", "sts-b"),))
+            for row in ("small", "baseline", "map", "output")]
+    elsewhere, done, held, _ = (campaign.folder_of(j.calls[0], 42) for j in jobs)
+    # finished on another machine: only its committed copy is here (output/ is not committed)
+    (tmp_path / "acc" / "runs" / "sts-b" / elsewhere.name).mkdir(parents=True)
+    (tmp_path / "acc" / "runs" / "sts-b" / elsewhere.name / "result.json").write_text("{}")
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}")
+    (done / "model.safetensors").write_text("weights")  # not one of the small files the table keeps
+    lock = FolderLock(held).acquire()  # a live run (another campaign, or a run started by hand) holds it
+    try:
+        assert campaign.busy(held) and not campaign.busy(done)
+        picker = campaign.Picker(lambda: jobs)
+        assert picker.next().row == "output"  # small and baseline are finished, map is busy
+        assert not elsewhere.exists() and picker.done == {"sts-b/small/s42", "sts-b/baseline/s42"}
+        kept = tmp_path / "acc" / "runs" / "sts-b" / done.name
+        assert sorted(p.name for p in kept.iterdir()) == ["campaign.json", "result.json"]
+        assert json.loads((kept / "campaign.json").read_text())["rows"] == ["baseline"]
+        assert picker.next() is None  # map is still held, output is taken
+    finally:
+        lock.release()
+    assert not campaign.busy(held) and picker.next().row == "map"
+
+
+def test_a_teacher_is_made_only_while_its_task_has_unfinished_runs_or_no_committed_score(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "out" / f"{call[0]}-s{seed}")
+    jobs = [campaign.Job("cola", "teacher", None, (("quant_task_glue.py", "cola", "--teacher-only"),)),
+            campaign.Job("rte", "teacher", None, (("quant_task_glue.py", "rte", "--teacher-only"),)),
+            *(campaign.Job("cola", "map", s, (("run_kd_qat_map.sh", "cola"),)) for s in (42, 52))]
+    assert campaign.teacher_needed("cola", jobs) and campaign.teacher_needed("rte", jobs)
+    (tmp_path / "acc" / "teachers").mkdir(parents=True)
+    (tmp_path / "acc" / "teachers" / "rte.json").write_text("{}")  # RTE's teacher row is committed: not remade
+    assert not campaign.teacher_needed("rte", jobs)
+    for seed in (42, 52):
+        (tmp_path / "out" / f"run_kd_qat_map.sh-s{seed}").mkdir(parents=True)
+        (tmp_path / "out" / f"run_kd_qat_map.sh-s{seed}" / "result.json").write_text("{}")
+        assert campaign.teacher_needed("cola", jobs) == (seed == 42)  # needed until the last run has finished

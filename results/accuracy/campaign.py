@@ -13,7 +13,9 @@ tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep; si
 seeds 42, 52, 62, then SST-2 (and any
 other task present) the same way. A finished run's small files (config, command, metrics, result; no weights) are
 copied to results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
-continue; a run folder another live process holds is left to it.
+continue; a run folder another live process holds is left to it. A run whose committed copy is there counts as
+finished on any machine (a fresh one has no output/), and a task's teacher (models/ is not committed either) is made
+only while the task has unfinished runs or, for a teacher-only task, no committed dev score.
 """
 from __future__ import annotations
 
@@ -119,10 +121,10 @@ def chosen_form(task: str) -> tuple[str, str] | None:
     """The (map, output) coefficients of the sweep run with the best dev score, once all of them have finished."""
     scores = {}
     for form in FORMS:
-        folder = folder_of(unified_call(task, form), SWEEP_SEED)
-        if not finished(folder):
+        result = result_of(task, folder_of(unified_call(task, form), SWEEP_SEED))
+        if result is None:
             return None
-        best = json.loads((folder / "result.json").read_text())["best"]
+        best = json.loads(result.read_text())["best"]
         v = best["metrics"].get(best["select_metric"])
         scores[form] = v if v is not None and math.isfinite(v) else -math.inf
     return max(FORMS, key=lambda f: scores[f])  # ties: the first form in FORMS
@@ -211,8 +213,31 @@ def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
     return REPO / json.loads(r.stdout)["run_folder"]
 
 
+def teacher_needed(task: str, jobs: list[Job]) -> bool:
+    """Whether the campaign must make `task`'s teacher (~15 min a session, as models/ is not committed): some run of
+    the task is unfinished, or (a teacher-only task) its dev score is not in results/accuracy/teachers/ yet."""
+    runs = [j for j in jobs if j.task == task and j.row != "teacher"]
+    if not runs:
+        return not (HERE / "teachers" / f"{task}.json").is_file()
+    return not all(done(task, f) for j in runs for f in folders(j))
+
+
 def finished(folder: Path) -> bool:
+    """Whether the run in this folder (on this machine) has finished."""
     return (folder / "result.json").is_file()
+
+
+def result_of(task: str, folder: Path) -> Path | None:
+    """A run's result.json: in its run folder or, on a machine without that folder (output/ is not committed), the
+    copy under results/accuracy/runs/; None while the run has not finished."""
+    for result in (folder / "result.json", HERE / "runs" / task / folder.name / "result.json"):
+        if result.is_file():
+            return result
+    return None
+
+
+def done(task: str, folder: Path) -> bool:
+    return result_of(task, folder) is not None
 
 
 def busy(folder: Path) -> bool:
@@ -302,23 +327,27 @@ def main() -> int:
     jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
     if args.list:
         for j in jobs:
-            state = "teacher" if j.row == "teacher" else \
-                " ".join("done" if finished(f) else "busy" if busy(f) else "todo" for f in folders(j))
+            state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
+                " ".join("done" if done(j.task, f) else "busy" if busy(f) else "todo" for f in folders(j))
             print(f"{j.label:24s} {state}")
         return 0
     if args.collect:
-        done = [j for j in jobs if j.row != "teacher" and all(finished(f) for f in folders(j))]
-        for j in done:
+        ended = [j for j in jobs if j.row != "teacher" and all(done(j.task, f) for f in folders(j))]
+        for j in ended:
             keep_finished(j)
-        say(f"collected {len(done)} finished run(s)")
+        say(f"collected {len(ended)} finished run(s)")
         return 0
     logs = REPO / "output" / "accuracy_logs"
     logs.mkdir(parents=True, exist_ok=True)
-    first = [j for j in jobs if j.row == "teacher" and j.task in (*QUICK_TASKS, *TEACHER_ONLY_TASKS)]
+    first = [j for j in jobs if j.row == "teacher" and j.task in (*QUICK_TASKS, *TEACHER_ONLY_TASKS)
+             and teacher_needed(j.task, jobs)]
     with ThreadPoolExecutor(args.jobs) as pool:  # those teachers first, so two runs of a task never wait on one
         ok = all(list(pool.map(lambda j: run_job(j, logs), first)))
-    picker = Picker(lambda: [j for j in queue(tasks, args.seeds) if j not in first
-                             and (not args.rows or j.row in args.rows or j.row == "teacher")])
+
+    def rest() -> list[Job]:
+        jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
+        return [j for j in jobs if j.row != "teacher" or (j not in first and teacher_needed(j.task, jobs))]
+    picker = Picker(rest)
     workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(args.jobs)]
     for w in workers:
         w.start()
@@ -356,7 +385,7 @@ class Picker:
                     continue
                 if job.row != "teacher":
                     runs = folders(job)
-                    if all(finished(f) for f in runs):
+                    if all(done(job.task, f) for f in runs):
                         self.done.add(job.label)
                         keep_finished(job)
                         continue
@@ -377,8 +406,10 @@ class Picker:
 
 
 def keep_finished(job: Job) -> None:
+    """Copy each call's finished run folder on this machine (one already committed from another machine has none)."""
     for i, call in enumerate(job.calls):
-        keep_call(job, i, folder_of(call, job.seed))
+        if finished(folder := folder_of(call, job.seed)):
+            keep_call(job, i, folder)
 
 
 if __name__ == "__main__":
