@@ -152,3 +152,18 @@ def test_a_teacher_is_made_only_while_its_task_has_unfinished_runs_or_no_committ
         (tmp_path / "out" / f"run_kd_qat_map.sh-s{seed}").mkdir(parents=True)
         (tmp_path / "out" / f"run_kd_qat_map.sh-s{seed}" / "result.json").write_text("{}")
         assert campaign.teacher_needed("cola", jobs) == (seed == 42)  # needed until the last run has finished
+
+
+def test_a_campaign_started_in_the_background_passes_ctrl_c_on_to_its_runs():
+    import subprocess
+    child = "import signal; print(signal.getsignal(signal.SIGINT) == signal.default_int_handler)"
+    code = (f"import importlib.util, signal, subprocess, sys\n"
+            f"signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `cmd &` in a non-interactive shell starts it\n"
+            f"spec = importlib.util.spec_from_file_location('campaign', {str(_cspec.origin)!r})\n"
+            f"campaign = importlib.util.module_from_spec(spec); sys.modules['campaign'] = campaign\n"
+            f"spec.loader.exec_module(campaign)\n"
+            f"subprocess.run([sys.executable, '-c', {child!r}])\n"
+            f"campaign.interruptible()\n"
+            f"subprocess.run([sys.executable, '-c', {child!r}])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), check=True).stdout
+    assert out.split() == ["False", "True"]  # ignored before, the default (KeyboardInterrupt) after

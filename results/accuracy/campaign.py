@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -313,6 +314,13 @@ def keep_call(job: Job, index: int, folder: Path) -> None:
                                 "call": index + 1, "calls": len(job.calls)}, indent=2) + "\n")
 
 
+def interruptible() -> None:
+    """Take SIGINT as KeyboardInterrupt again. Started in the background (`nohup ... &`), the shell hands us SIGINT
+    ignored, and an ignored signal stays ignored in every child: kill -INT would stop neither the campaign nor a
+    teacher fine-tune. A handler is reset to the default in each child, so the whole process group stops again."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(utils_glue.TASK_NAMES), help="default: every GLUE task present")
@@ -323,6 +331,7 @@ def main() -> int:
     p.add_argument("--collect", action="store_true",
                    help="copy every finished run of the queue to results/accuracy/runs/ and exit (runs nothing)")
     args = p.parse_args()
+    interruptible()
     tasks = [t for t in args.tasks if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
     jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
     if args.list:
@@ -341,8 +350,12 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     first = [j for j in jobs if j.row == "teacher" and j.task in (*QUICK_TASKS, *TEACHER_ONLY_TASKS)
              and teacher_needed(j.task, jobs)]
-    with ThreadPoolExecutor(args.jobs) as pool:  # those teachers first, so two runs of a task never wait on one
-        ok = all(list(pool.map(lambda j: run_job(j, logs), first)))
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:  # those teachers first, so two runs of a task never wait on one
+            ok = all(list(pool.map(lambda j: run_job(j, logs), first)))
+    except (KeyboardInterrupt, Interrupted):  # a teacher has no checkpoint: rerunning makes it afresh
+        say("interrupted while making the teachers: rerun the campaign to continue")
+        return 130
 
     def rest() -> list[Job]:
         jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
