@@ -103,7 +103,9 @@ def test_a_changed_teacher_stops_the_campaign(tmp_path, monkeypatch):
     made.write_text(json.dumps({"dev": {"mcc": 0.26}}))
     campaign.keep_teacher("cola")  # the first teacher is kept
     assert json.loads((tmp_path / "acc" / "teachers" / "cola.json").read_text())["dev"] == {"mcc": 0.26}
-    campaign.keep_teacher("cola")  # the same one again: fine
+    made.write_text(json.dumps({"dev": {"mcc": 0.26}, "wall_s": 900}))
+    campaign.keep_teacher("cola")  # the same teacher made again: fine, and the first record stays
+    assert "wall_s" not in json.loads((tmp_path / "acc" / "teachers" / "cola.json").read_text())
     made.write_text(json.dumps({"dev": {"mcc": 0.30}}))
     with pytest.raises(SystemExit, match="is not the teacher of the committed runs"):
         campaign.keep_teacher("cola")

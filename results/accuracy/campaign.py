@@ -284,7 +284,7 @@ def run_job(job: Job, logs: Path) -> bool:
 
 
 def keep_teacher(task: str) -> None:
-    """The teacher's finetune.json (dev score, steps, wall time, command) as results/accuracy/teachers/<task>.json.
+    """The teacher's finetune.json (dev score, steps, wall time, command) as results/accuracy/teachers/<task>.json, once.
     A teacher whose dev scores differ from the committed one's stops the campaign: the table's rows must share it."""
     found = REPO / "models" / task / "finetune.json"
     if not found.is_file():
@@ -296,6 +296,7 @@ def keep_teacher(task: str) -> None:
             raise SystemExit(f"models/{task} (dev {new}) is not the teacher of the committed runs (dev {old}, "
                              f"{kept}): restore that teacher, or start the task's table afresh (remove {kept} and "
                              f"results/accuracy/runs/{task}/)")
+        return  # the same teacher again: the committed record (command, code version, wall time) stays
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(found, kept)
 
