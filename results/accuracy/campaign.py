@@ -334,7 +334,10 @@ def main() -> int:
     args = p.parse_args()
     interruptible()
     tasks = [t for t in args.tasks if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
-    jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
+
+    def selected() -> list[Job]:  # rebuilt for each pick, as rows can join while the campaign runs (Picker)
+        return [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
+    jobs = selected()
     if args.list:
         for j in jobs:
             state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
@@ -359,7 +362,7 @@ def main() -> int:
         return 130
 
     def rest() -> list[Job]:
-        jobs = [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
+        jobs = selected()
         return [j for j in jobs if j.row != "teacher" or (j not in first and teacher_needed(j.task, jobs))]
     picker = Picker(rest)
     workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(args.jobs)]
