@@ -84,12 +84,19 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" + ("" if len(xs) == 3 else f" ({len(xs)} seeds)")
 
 
+def relative(command: str) -> str:
+    """A recorded command with this checkout's absolute path taken out (the interpreter is recorded absolute)."""
+    return command.replace(f"{REPO}/", "")
+
+
 def table(runs: list[dict]) -> tuple[dict, list[str]]:
     by = defaultdict(dict)  # (task, row) -> seed -> final-call run
     wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2
+    commands = defaultdict(dict)  # (task, row, seed) -> call -> command
     for r in runs:
         wall[(r["task"], r["row"], r["seed"])] += r["result"].get("wall_s", 0.0)
         steps[(r["task"], r["row"], r["seed"])] += r["result"]["steps"]
+        commands[(r["task"], r["row"], r["seed"])][r["call"]] = relative(r["command"])
         if r["call"] == r["calls"]:
             by[(r["task"], r["row"])][r["seed"]] = r
     tasks = sorted({t for t, _ in by}, key=TASK_ORDER.index)
@@ -102,7 +109,7 @@ def table(runs: list[dict]) -> tuple[dict, list[str]]:
             "final": {s: score(r["result"]["final"], select) for s, r in sorted(seeds.items())},
             "steps": {s: steps[(task, row, s)] for s in sorted(seeds)},
             "wall_s": {s: wall[(task, row, s)] for s in sorted(seeds)},
-            "command": next(iter(seeds.values()))["command"]}
+            "commands": [c for _, c in sorted(commands[(task, row, min(seeds))].items())]}
     out["teacher"] = {}
     for f in sorted((HERE / "teachers").glob("*.json")):  # the teachers' finetune.json, copied by campaign.py
         info = json.loads(f.read_text())
@@ -251,15 +258,17 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
                 c = t["rows"][row].get(x)
                 cells.append("–" if c is None else " / ".join(f"{c[k][s]:.2f}" for s in c["best"] for k in ("best", "final")))
             lines.append("| " + " | ".join(sweep_form(row)) + " | " + " | ".join(cells) + " |")
-    lines += ["", "## Rows and commands (seed 42 shown; the others differ only in the seed)", ""]
+    lines += ["", "## Rows and commands (the lowest seed shown; the others differ only in the seed)", ""]
     for row in ROWS:
         if row in t["rows"]:
             lines.append(f"- **{row}**: {ROW_TITLES[row]}")
             for x in tasks:
-                if x in t["rows"][row]:
-                    lines.append(f"  - {x}: `{t['rows'][row][x]['command']}`")
+                cmds = t["rows"][row].get(x, {}).get("commands", [])
+                for i, cmd in enumerate(cmds):  # TI-G and two-stage rows: one command per step
+                    lines.append(f"  - {x}" + (f", step {i + 1}" if len(cmds) > 1 else "") + f": `{cmd}`")
     if "ti-g" in t["rows"]:
-        lines.append("- TI-G's wall time and steps are step 1 + step 2; its scores are step 2's.")
+        lines.append("- TI-G's wall time and steps are step 1 + step 2; its scores are step 2's (the step-2 command "
+                     "repeats step 1's flags and overrides --ti.step, as run_TI_step_2.sh does).")
     if curves:
         ratios = [c["speedup"] for c in curves.values() if c["speedup"]]
         lines += ["", "## Teacher Intervention on CoLA: steps to reach the baseline's final score", "",
