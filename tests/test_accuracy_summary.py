@@ -183,3 +183,50 @@ def test_table_lists_each_steps_command_without_the_checkouts_path(monkeypatch, 
     assert t["rows"]["ti-g"]["cola"]["commands"] == [
         ".venv/bin/python quant_task_glue.py cola --ti.step 1 --train.seed 42",
         ".venv/bin/python quant_task_glue.py cola --ti.step 2 --train.seed 42"]
+
+
+def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_path, monkeypatch):
+    import json
+    import time
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    # committed history: 2.0 s a step at the published eval interval, 5.0 s evaluating every 10 steps
+    for name, every, steps, wall in (("a", 20, 100, 290.0), ("b", 20, 300, 690.0), ("c", 10, 100, 590.0)):
+        d = tmp_path / "acc" / "runs" / "sts-b" / name
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"steps": steps, "wall_s": wall}))
+        (d / "run_config.json").write_text(json.dumps({"train": {"eval_every": every}}))
+    assert campaign.seconds_per_step("sts-b", 20) == 2.0 and campaign.seconds_per_step("sts-b", 10) == 5.0
+    assert campaign.seconds_per_step("sts-b", 50) == 2.0  # no run at that interval: the median of all
+    assert campaign.seconds_per_step("sst-2", 50) is None
+    plan = {"long": (20, 1000), "short": (20, 100), "dense": (10, 100), "new": (20, 100), "ti1": (20, 60), "ti2": (20, 40)}
+    monkeypatch.setattr(campaign, "dry_run", lambda call, seed: {"run_folder": str(tmp_path / "out" / call[0]),
+                                                                 "config": {"train": {"eval_every": plan[call[0]][0]}}})
+    monkeypatch.setattr(campaign, "planned_steps", lambda call, seed: plan[call[0]][1])
+    job = lambda name, task="sts-b", calls=None: campaign.Job(task, name, 42, calls or ((name,),))
+    assert campaign.estimate_s(job("short")) == campaign.MARGIN * (campaign.CALL_OVERHEAD_S + 2.0 * 100)
+    ti = job("ti-g", calls=(("ti1",), ("ti2",)))
+    both = campaign.MARGIN * (2 * campaign.CALL_OVERHEAD_S + 2.0 * 100)
+    committed = tmp_path / "acc" / "runs" / "sts-b" / "ti1"
+    committed.mkdir()
+    (committed / "result.json").write_text("{}")  # step 1 committed from another machine: rerun here for step 2
+    assert campaign.estimate_s(ti) == both
+    (tmp_path / "out" / "ti1").mkdir(parents=True)
+    (tmp_path / "out" / "ti1" / "result.json").write_text("{}")  # step 1 finished here: only step 2 is left
+    assert campaign.estimate_s(ti) == campaign.MARGIN * (campaign.CALL_OVERHEAD_S + 2.0 * 40)
+
+    jobs = [job("long"), job("dense"), job("short"), job("new", task="sst-2")]
+    picker = campaign.Picker(lambda: jobs, deadline=time.time() + 600)  # short ~5.6 min, dense ~11 min, long ~40
+    assert picker.next().row == "short"
+    assert picker.next().row == "new"  # no history, no estimate: started
+    assert picker.next() is None and picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42"}
+    assert campaign.Picker(lambda: jobs).next().row == "long"  # no deadline: queue order
+
+
+def test_a_deadline_is_the_next_such_local_time():
+    import time
+    import pytest
+    now = time.mktime((2026, 12, 6, 3, 0, 0, 0, 0, -1))
+    assert campaign.parse_deadline("03:45", now) - now == 45 * 60
+    assert campaign.parse_deadline("02:00", now) - now == 23 * 3600  # already past today: tomorrow
+    with pytest.raises(SystemExit, match="HH:MM"):
+        campaign.parse_deadline("in an hour", now)

@@ -5,6 +5,7 @@
     ... --list                      print the queue and what is done, busy (held by a live run) or todo
     ... --tasks cola --seeds 42     a slice of the queue
     ... --collect                   copy the finished runs' small files to results/accuracy/runs/, run nothing
+    ... --deadline 23:40            start only runs expected to finish by then (estimate_s)
 
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
@@ -26,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -205,13 +207,91 @@ def folders(job: Job) -> list[Path]:
 
 
 @functools.cache
-def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
-    """A launcher call's run folder, from the launcher's own --dry-run (so names are the CLI's, never rebuilt here)."""
+def dry_run(call: tuple[str, ...], seed: int | None) -> dict:
+    """The launcher's own --dry-run: run folder and resolved config (so nothing is rebuilt here)."""
     r = subprocess.run([*launcher_cmd(call, seed), "--dry-run"], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, "PYTHON": PYTHON})
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(call)} (seed {seed}): --dry-run failed:\n{r.stderr[-2000:]}")
-    return REPO / json.loads(r.stdout)["run_folder"]
+    return json.loads(r.stdout)
+
+
+def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
+    """A launcher call's run folder, named by the CLI."""
+    return REPO / dry_run(call, seed)["run_folder"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wall-time estimates, so that a campaign given --deadline starts only runs that can finish before it (a run cut off
+# by the end of a session is lost with its machine's output/)
+
+CALL_OVERHEAD_S = 90.0  # per launcher call: teacher and data loading, the final evaluation and saving
+MARGIN = 1.15
+
+
+@functools.cache
+def train_examples(task: str, augment: bool) -> int:
+    spec = utils_glue.get_task(task)
+    folder = REPO / AUG_DIR / spec.folder if augment else utils_glue.task_dir(glue_dir(), spec)
+    return len(utils_glue.read_examples(folder, spec, "train_aug" if augment else "train"))
+
+
+def planned_steps(call: tuple[str, ...], seed: int | None) -> int:
+    """Optimizer steps a launcher call runs (TI and two-stage steps: their share of the budget)."""
+    from transformer.config import RunConfig
+    from transformer.train import step_budget
+    cfg = RunConfig.from_dict(dry_run(call, seed)["config"])
+    n = cfg.train.max_steps or train_examples(cfg.data.task, cfg.data.augment)  # max_steps: the count is not read
+    return step_budget(cfg, n)[0]
+
+
+def seconds_per_step(task: str, eval_every: int) -> float | None:
+    """Median wall seconds per optimizer step of the task's committed runs that evaluate as often (evaluation is a
+    large share of a CoLA run), else of all its committed runs; None when the task has none."""
+    rates, same = [], []
+    for d in (HERE / "runs" / task).glob("*"):
+        if not (d / "result.json").is_file() or not (d / "run_config.json").is_file():
+            continue
+        r = json.loads((d / "result.json").read_text())
+        if not r.get("wall_s") or not r.get("steps"):
+            continue
+        rate = max(0.0, r["wall_s"] - CALL_OVERHEAD_S) / r["steps"]
+        rates.append(rate)
+        if json.loads((d / "run_config.json").read_text())["train"]["eval_every"] == eval_every:
+            same.append(rate)
+    return statistics.median(same or rates) if rates else None
+
+
+def estimate_s(job: Job) -> float | None:
+    """Expected wall seconds of the job's unfinished calls (two runs side by side, as the committed runs were made),
+    with a margin; None without history (a new task, a teacher never made)."""
+    if job.row == "teacher":
+        kept = HERE / "teachers" / f"{job.task}.json"
+        return MARGIN * json.loads(kept.read_text())["wall_s"] if kept.is_file() else None
+    if all(done(job.task, f) for f in folders(job)):
+        return 0.0
+    total = 0.0
+    for call in job.calls:  # run_job reruns a call not finished here (a later step needs its weights)
+        if finished(folder_of(call, job.seed)):
+            continue
+        cfg = dry_run(call, job.seed)["config"]
+        rate = seconds_per_step(job.task, cfg["train"]["eval_every"] or 0)
+        if rate is None:
+            return None
+        total += CALL_OVERHEAD_S + rate * planned_steps(call, job.seed)
+    return MARGIN * total
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """`HH:MM` (the next such local time) as a Unix time."""
+    now = time.time() if now is None else now
+    try:
+        h, m = (int(x) for x in text.split(":"))
+        t = time.localtime(now)
+        at = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, h, m, 0, 0, 0, -1))
+    except (ValueError, OverflowError):
+        raise SystemExit(f"--deadline {text!r}: expected HH:MM") from None
+    return at if at > now else at + 24 * 3600
 
 
 def teacher_needed(task: str, jobs: list[Job]) -> bool:
@@ -328,10 +408,14 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each one CPU thread)")
+    p.add_argument("--deadline", metavar="HH:MM",
+                   help="start only runs expected to finish by then (local time; estimates from the committed runs' "
+                        "wall times): a session's end loses the runs it cuts off")
     p.add_argument("--list", action="store_true", help="print the queue with what is finished and exit")
     p.add_argument("--collect", action="store_true",
                    help="copy every finished run of the queue to results/accuracy/runs/ and exit (runs nothing)")
     args = p.parse_args()
+    deadline = parse_deadline(args.deadline) if args.deadline else None
     interruptible()
     tasks = [t for t in args.tasks if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]  # absent tasks: skipped
 
@@ -342,7 +426,8 @@ def main() -> int:
         for j in jobs:
             state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
                 " ".join("done" if done(j.task, f) else "busy" if busy(f) else "todo" for f in folders(j))
-            print(f"{j.label:24s} {state}")
+            est = None if state in ("teacher: not needed",) or state.endswith("done") else estimate_s(j)
+            print(f"{j.label:24s} {state}" + (f"  (~{est / 60:.0f} min)" if est is not None else ""))
         return 0
     if args.collect:
         ended = [j for j in jobs if j.row != "teacher" and all(done(j.task, f) for f in folders(j))]
@@ -364,7 +449,7 @@ def main() -> int:
     def rest() -> list[Job]:
         jobs = selected()
         return [j for j in jobs if j.row != "teacher" or (j not in first and teacher_needed(j.task, jobs))]
-    picker = Picker(rest)
+    picker = Picker(rest, deadline)
     workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(args.jobs)]
     for w in workers:
         w.start()
@@ -387,13 +472,28 @@ class Interrupted(Exception):
 
 class Picker:
     """Hands each worker the first job of a freshly built queue that is neither finished nor taken, so rows added
-    while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place."""
-    def __init__(self, make_queue):
-        self.make_queue, self.lock = make_queue, threading.Lock()
+    while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place. With a deadline, a job
+    whose estimate (`estimate_s`) ends after it is passed over for a later, shorter one; a job without an estimate is
+    started (its wall time becomes the history)."""
+    def __init__(self, make_queue, deadline: float | None = None):
+        self.make_queue, self.lock, self.deadline = make_queue, threading.Lock(), deadline
         self.taken: set[str] = set()
         self.done: set[str] = set()
+        self.too_long: set[str] = set()
         self.failed: list[str] = []
         self.stopped = False
+
+    def fits(self, job: Job) -> bool:
+        if self.deadline is None:
+            return True
+        est = estimate_s(job)
+        if est is None or time.time() + est <= self.deadline:
+            return True
+        if job.label not in self.too_long:
+            self.too_long.add(job.label)
+            say(f"not starting {job.label}: ~{est / 60:.0f} min, {(self.deadline - time.time()) / 60:.0f} min left "
+                f"before the deadline")
+        return False
 
     def next(self) -> Job | None:
         with self.lock:
@@ -408,6 +508,8 @@ class Picker:
                         continue
                     if any(busy(f) for f in runs):  # looked at again when the queue is next rebuilt
                         continue
+                if not self.fits(job):
+                    continue
                 self.taken.add(job.label)
                 return job
             return None
