@@ -106,7 +106,12 @@ def test_a_changed_teacher_stops_the_campaign(tmp_path, monkeypatch):
     made.write_text(json.dumps({"dev": {"mcc": 0.26}, "wall_s": 900}))
     campaign.keep_teacher("cola")  # the same teacher made again: fine, and the first record stays
     assert "wall_s" not in json.loads((tmp_path / "acc" / "teachers" / "cola.json").read_text())
-    made.write_text(json.dumps({"dev": {"mcc": 0.30}}))
+    made.write_text(json.dumps({"dev": {"mcc": 0.26 + 3e-8}}))  # another CPU's rounding: the same teacher
+    campaign.keep_teacher("cola")
+    made.write_text(json.dumps({"dev": {"mcc": 0.2601}}))
+    with pytest.raises(SystemExit, match="is not the teacher of the committed runs"):
+        campaign.keep_teacher("cola")
+    made.write_text(json.dumps({"dev": {"acc": 0.26}}))  # other metrics: not comparable
     with pytest.raises(SystemExit, match="is not the teacher of the committed runs"):
         campaign.keep_teacher("cola")
 
