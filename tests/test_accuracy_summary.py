@@ -235,3 +235,15 @@ def test_a_deadline_is_the_next_such_local_time():
     assert campaign.parse_deadline("02:00", now) - now == 23 * 3600  # already past today: tomorrow
     with pytest.raises(SystemExit, match="HH:MM"):
         campaign.parse_deadline("in an hour", now)
+
+
+def test_teacher_agreement_reports_the_largest_distance_of_any_runs_teacher_from_the_committed_one(tmp_path, monkeypatch):
+    import json
+    monkeypatch.setattr(summarise, "HERE", tmp_path)
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / "sts-b.json").write_text(json.dumps({"dev": {"pearson": 0.8, "corr": 0.81}}))
+    runs = [{"task": "sts-b", "dir": tmp_path / name, "teacher_dev": dev} for name, dev in
+            (("a", {"pearson": 0.8, "corr": 0.81}), ("b", {"pearson": 0.8 + 4e-8, "corr": 0.81}),
+             ("c", None))]  # c: resumed, no teacher_eval.json
+    runs.append({**runs[1]})  # the same run listed under two rows (a sweep run that is also the unified row)
+    assert summarise.teacher_agreement(runs) == ["sts-b: 2 runs, max |Δ| 4.0e-08"]

@@ -54,6 +54,8 @@ def load_runs() -> list[dict]:
              "evals": [e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                        if any(k.startswith("eval/") for k in e)],
              "command": (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else "",
+             "teacher_dev": json.loads((d / "teacher_eval.json").read_text())["dev"]
+             if (d / "teacher_eval.json").is_file() else None,
              "sha": (d / "git_sha.txt").read_text().strip() if (d / "git_sha.txt").is_file() else "unknown"}
         for row in info.get("rows") or [info["row"]]:  # a γ-sweep run can also be the unified row
             runs.append({**r, "row": row})
@@ -116,6 +118,22 @@ def table(runs: list[dict]) -> tuple[dict, list[str]]:
         out["teacher"][f.stem] = score(info["dev"], utils_glue.get_task(f.stem).select_metric)
         tasks = sorted({*tasks, f.stem}, key=TASK_ORDER.index)
     return out, tasks
+
+
+def teacher_agreement(runs: list[dict]) -> list[str]:
+    """Per task: how far the teacher each run trained against (its teacher_eval.json, dev metrics on the 0..1 scale)
+    lies from the committed teacher (teachers/<task>.json). Teachers are re-made each session; another CPU's
+    rounding moves them in the 7th digit (campaign.TEACHER_TOLERANCE)."""
+    out = []
+    for task in sorted({r["task"] for r in runs}, key=TASK_ORDER.index):
+        kept = HERE / "teachers" / f"{task}.json"
+        seen = {str(r["dir"]): r["teacher_dev"] for r in runs if r["task"] == task and r["teacher_dev"]}
+        if not kept.is_file() or not seen:
+            continue
+        ref = json.loads(kept.read_text())["dev"]
+        diff = max(abs(dev[k] - ref[k]) for dev in seen.values() for k in ref)
+        out.append(f"{task}: {len(seen)} runs, max |Δ| {diff:.1e}")
+    return out
 
 
 def ti_curves(runs: list[dict], task: str = "cola", every: int = 20):
@@ -215,7 +233,7 @@ def sweep_form(row: str) -> tuple[str, str]:
 
 
 def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precisions: set[str],
-                 dense: set[str] = frozenset()) -> str:
+                 dense: set[str] = frozenset(), agreement: list[str] = ()) -> str:
     lines = ["# Accuracy: W2A8 MiniLM students on GLUE dev, mean ± std over seeds", "",
              "> Written by `results/accuracy/summarise.py` from `results/accuracy/runs/` (made by "
              "`results/accuracy/campaign.py`); do not edit by hand. Partial while the campaign runs: a cell says how "
@@ -226,6 +244,9 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
              "one thread, published schedule (3 epochs, LR 2e-5, batch 32 / CoLA 16) "
              "unless the row says otherwise. Seeds 42, 52, 62. Metrics: STS-B mean of Pearson and Spearman, CoLA "
              "Matthews correlation, others accuracy (×100).", ""]
+    if agreement:
+        lines += ["Each run's teacher, as its `teacher_eval.json` scored it, against the committed teacher's dev "
+                  "metrics (0..1 scale; teachers are re-made each session): " + "; ".join(agreement) + ".", ""]
     lines += targets(t)
     for kind, title in (("best", "best dev (published protocol: best evaluation, every N steps and the last)"),
                         ("final", "final step")):
@@ -303,7 +324,8 @@ def main() -> int:
     dense = {f"{r['task']} {r['row']} (every {r['config']['train']['eval_every']} steps)" for r in runs
              if r["config"]["train"]["eval_every"] != TASK_DEFAULTS[r["task"]].eval_every}
     (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs},
-                                                 {r["config"]["train"]["precision"] for r in runs}, dense))
+                                                 {r["config"]["train"]["precision"] for r in runs}, dense,
+                                                 teacher_agreement(runs)))
     print((HERE / "README.md").read_text())
     return 0
 
