@@ -208,16 +208,16 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
                                                                  "config": {"train": {"eval_every": plan[call[0]][0]}}})
     monkeypatch.setattr(campaign, "planned_steps", lambda call, seed: plan[call[0]][1])
     job = lambda name, task="sts-b", calls=None: campaign.Job(task, name, 42, calls or ((name,),))
-    assert campaign.estimate_s(job("short")) == campaign.MARGIN * (campaign.CALL_OVERHEAD_S + 2.0 * 100)
+    assert campaign.estimate_s(job("short")) == campaign.CALL_OVERHEAD_S + 2.0 * 100
     ti = job("ti-g", calls=(("ti1",), ("ti2",)))
-    both = campaign.MARGIN * (2 * campaign.CALL_OVERHEAD_S + 2.0 * 100)
+    both = 2 * campaign.CALL_OVERHEAD_S + 2.0 * 100
     committed = tmp_path / "acc" / "runs" / "sts-b" / "ti1"
     committed.mkdir()
     (committed / "result.json").write_text("{}")  # step 1 committed from another machine: rerun here for step 2
     assert campaign.estimate_s(ti) == both
     (tmp_path / "out" / "ti1").mkdir(parents=True)
     (tmp_path / "out" / "ti1" / "result.json").write_text("{}")  # step 1 finished here: only step 2 is left
-    assert campaign.estimate_s(ti) == campaign.MARGIN * (campaign.CALL_OVERHEAD_S + 2.0 * 40)
+    assert campaign.estimate_s(ti) == campaign.CALL_OVERHEAD_S + 2.0 * 40
 
     jobs = [job("long"), job("dense"), job("short"), job("new", task="sst-2")]
     picker = campaign.Picker(lambda: jobs, deadline=time.time() + 600)  # short ~5.6 min, dense ~11 min, long ~40
@@ -225,6 +225,13 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     assert picker.next().row == "new"  # no history, no estimate: started
     assert picker.next() is None and picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42"}
     assert campaign.Picker(lambda: jobs).next().row == "long"  # no deadline: queue order
+    faster = campaign.Picker(lambda: jobs, deadline=time.time() + 600)
+    faster.ratios = [0.5, 0.4, 0.9]  # this machine ran the jobs it finished in half the estimated time
+    assert faster.next().row == "dense"  # ~5.6 min now
+    monkeypatch.setattr(campaign, "run_job", lambda job, logs: True)
+    worker = campaign.Picker(lambda: [job("short")])
+    worker.work(tmp_path)  # one job, finished at once: its wall time over its estimate is recorded
+    assert len(worker.ratios) == 1 and 0 <= worker.ratios[0] < 0.01
 
 
 def test_a_deadline_is_the_next_such_local_time():

@@ -263,11 +263,12 @@ def seconds_per_step(task: str, eval_every: int) -> float | None:
 
 
 def estimate_s(job: Job) -> float | None:
-    """Expected wall seconds of the job's unfinished calls (two runs side by side, as the committed runs were made),
-    with a margin; None without history (a new task, a teacher never made)."""
+    """Expected wall seconds of the job's unfinished calls at the committed runs' speed (two runs side by side, as they
+    were made; another machine can be faster or slower: Picker scales it); None without history (a new task, a
+    teacher never made)."""
     if job.row == "teacher":
         kept = HERE / "teachers" / f"{job.task}.json"
-        return MARGIN * json.loads(kept.read_text())["wall_s"] if kept.is_file() else None
+        return json.loads(kept.read_text())["wall_s"] if kept.is_file() else None
     if all(done(job.task, f) for f in folders(job)):
         return 0.0
     total = 0.0
@@ -279,7 +280,7 @@ def estimate_s(job: Job) -> float | None:
         if rate is None:
             return None
         total += CALL_OVERHEAD_S + rate * planned_steps(call, job.seed)
-    return MARGIN * total
+    return total
 
 
 def parse_deadline(text: str, now: float | None = None) -> float:
@@ -439,6 +440,7 @@ def main() -> int:
             state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
                 " ".join("done" if done(j.task, f) else "busy" if busy(f) else "todo" for f in folders(j))
             est = None if state in ("teacher: not needed",) or state.endswith("done") else estimate_s(j)
+            est = None if est is None else MARGIN * est
             print(f"{j.label:24s} {state}" + (f"  (~{est / 60:.0f} min)" if est is not None else ""))
         return 0
     if args.collect:
@@ -485,20 +487,23 @@ class Interrupted(Exception):
 class Picker:
     """Hands each worker the first job of a freshly built queue that is neither finished nor taken, so rows added
     while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place. With a deadline, a job
-    whose estimate (`estimate_s`) ends after it is passed over for a later, shorter one; a job without an estimate is
-    started (its wall time becomes the history)."""
+    whose estimate ends after it is passed over for a later, shorter one; a job without an estimate is started (its
+    wall time becomes the history). The estimate is `estimate_s` times this machine's speed relative to the history
+    (the median ratio of wall time to estimate over the jobs this campaign has finished; 1 before the first), times
+    MARGIN."""
     def __init__(self, make_queue, deadline: float | None = None):
         self.make_queue, self.lock, self.deadline = make_queue, threading.Lock(), deadline
         self.taken: set[str] = set()
         self.done: set[str] = set()
         self.too_long: set[str] = set()
+        self.ratios: list[float] = []  # wall time / estimate_s of the jobs finished here
         self.failed: list[str] = []
         self.stopped = False
 
     def fits(self, job: Job) -> bool:
         if self.deadline is None:
             return True
-        est = estimate_s(job)
+        est = self.expected_s(job)
         if est is None or time.time() + est <= self.deadline:
             return True
         if job.label not in self.too_long:
@@ -526,11 +531,19 @@ class Picker:
                 return job
             return None
 
+    def expected_s(self, job: Job) -> float | None:
+        est = estimate_s(job)
+        return None if est is None else MARGIN * est * (statistics.median(self.ratios) if self.ratios else 1.0)
+
     def work(self, logs: Path) -> None:
         while not self.stopped and (job := self.next()) is not None:
             try:
+                est, t0 = estimate_s(job), time.time()
                 if not run_job(job, logs):
                     self.failed.append(job.label)
+                elif est:
+                    with self.lock:
+                        self.ratios.append((time.time() - t0) / est)
             except Interrupted:
                 self.stopped = True
                 say(f"interrupted in {job.label}: rerun the campaign to resume it")
