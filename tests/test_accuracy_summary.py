@@ -232,6 +232,11 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     worker = campaign.Picker(lambda: [job("short")])
     worker.work(tmp_path)  # one job, finished at once: its wall time over its estimate is recorded
     assert len(worker.ratios) == 1 and 0 <= worker.ratios[0] < 0.01
+    (tmp_path / "out" / "long").mkdir(parents=True)
+    (tmp_path / "out" / "long" / "checkpoint.pt").write_text("")  # an interrupted run: resuming it measures nothing
+    worker = campaign.Picker(lambda: [job("long")])
+    worker.work(tmp_path)
+    assert worker.ratios == []
 
 
 def test_a_deadline_is_the_next_such_local_time():

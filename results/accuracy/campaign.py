@@ -539,9 +539,11 @@ class Picker:
         while not self.stopped and (job := self.next()) is not None:
             try:
                 est, t0 = estimate_s(job), time.time()
+                resumed = job.row != "teacher" and any((f / "checkpoint.pt").is_file() for f in folders(job)
+                                                       if not finished(f))  # part of it ran before: no measure
                 if not run_job(job, logs):
                     self.failed.append(job.label)
-                elif est:
+                elif est and not resumed:
                     with self.lock:
                         self.ratios.append((time.time() - t0) / est)
             except Interrupted:
