@@ -259,3 +259,31 @@ def test_teacher_agreement_reports_the_largest_distance_of_any_runs_teacher_from
              ("c", None))]  # c: resumed, no teacher_eval.json
     runs.append({**runs[1]})  # the same run listed under two rows (a sweep run that is also the unified row)
     assert summarise.teacher_agreement(runs) == ["sts-b: 2 runs, max |Δ| 4.0e-08"]
+
+
+def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablations(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "never-finished")
+    monkeypatch.setattr(campaign, "long_steps", lambda task: 1080)
+    labels = [j.label for j in campaign.queue(["sts-b", "cola", "sst-2"], [42, 52])]
+    sst = [x for x in labels if x.startswith("sst-2/")]
+    assert sst == ["sst-2/teacher", *(f"sst-2/{r}/s{s}" for s in (42, 52) for r in ("baseline", "small", "map")),
+                   "sst-2/ti-g/s42", "sst-2/ti-g/s52", "sst-2/output/s42", "sst-2/output/s52"]  # no sweep, no ablations
+    at = labels.index
+    assert at("cola/output/s52") < at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/map+noclip/s42")
+    assert at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
+
+
+def test_other_tasks_take_the_unified_form_with_the_least_total_regret_over_both_sweeps(tmp_path, monkeypatch):
+    for folder in ("STS-B", "CoLA"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    a, b, c = campaign.FORMS[:3]
+    scores = {"sts-b": {a: 0.80, b: 0.79, c: 0.75}, "cola": {a: 0.20, b: 0.26, c: float("-inf")}}
+    scores = {t: {f: s.get(f, 0.0) for f in campaign.FORMS} for t, s in scores.items()}
+    monkeypatch.setattr(campaign, "sweep_scores", lambda task: scores[task])
+    assert campaign.chosen_form("sts-b") == a and campaign.chosen_form("cola") == b
+    assert campaign.pooled_form() == b  # regret: a 0.06, b 0.01, c (a NaN run) never
+    (unified,) = [r for r in campaign.rows_for("sst-2", 62) if r.name == "unified"]
+    assert unified.calls == ((("run_kd_qat_exploration.sh", "sst-2", "base", *b)),)
+    scores["cola"] = None  # CoLA's sweep unfinished: no unified row for SST-2 yet
+    assert campaign.pooled_form() is None and "unified" not in [r.name for r in campaign.rows_for("sst-2", 62)]

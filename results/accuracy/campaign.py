@@ -10,10 +10,11 @@
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
-tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep; single-lever ablations), each for
-seeds 42, 52, 62, then SST-2 (and any
-other task present) the same way. A finished run's small files (config, command, metrics, result; no weights) are
-copied to results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
+tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then SST-2
+(and any other task present): its teacher and first tier; then the STS-B and CoLA single-lever ablations; then
+SST-2's other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
+`pooled_form`). A finished run's small files (config, command, metrics, result; no weights) are copied to
+results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
 continue; a run folder another live process holds is left to it. A run whose committed copy is there counts as
 finished on any machine (a fresh one has no output/), and a task's teacher (models/ is not committed either) is made
 only while the task has unfinished runs or, for a teacher-only task, no committed dev score.
@@ -74,20 +75,23 @@ def unified_call(task: str, form: tuple[str, str]) -> tuple[str, ...]:
 def rows_for(task: str, seed: int) -> list[Row]:
     dense = DENSE_EVAL.get(task, ())
     small = [Row("small", (("run_kd_qat_small.sh", task),))] if (REPO / "run_kd_qat_small.sh").is_file() else []
-    if seed == SWEEP_SEED:
-        unified = [Row(f"sweep-map{m}-out{o}", (unified_call(task, (m, o)),)) for m, o in FORMS]
-    else:
-        unified = []
-    form = chosen_form(task)
-    if form is not None:  # known once the sweep has finished
+    quick = task in QUICK_TASKS
+    unified = [Row(f"sweep-map{m}-out{o}", (unified_call(task, (m, o)),)) for m, o in FORMS] \
+        if quick and seed == SWEEP_SEED else []
+    form = chosen_form(task) if quick else pooled_form()
+    if form is not None:  # known once the sweep(s) have finished
         unified.append(Row("unified", (unified_call(task, form),)))
-    return [
+    rows = [
         Row("baseline", (("run_kd_qat_baseline.sh", task, *dense),)),
         *small,  # the recommended recipe second: the two rows the targets compare
         Row("map", (("run_kd_qat_map.sh", task),)),
         Row("output", (("run_kd_qat_output.sh", task),)),
         *unified,
         Row("ti-g", (("run_TI_step_1.sh", task, *dense), ("run_TI_step_2.sh", task, "gradual", *dense))),
+    ]
+    if not quick:  # the issue's single-lever ablations are on STS-B and CoLA
+        return rows
+    return rows + [
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
         Row("map+aug", (("run_kd_qat_map.sh", task, "--data.glue_dir", str(AUG_DIR), "--data.augment",
                          "--train.max_steps", str(long_steps(task)), "--optim.lr", "5e-5"),)),
@@ -120,8 +124,8 @@ def ensure_augmented(task: str) -> None:
         utils_glue.augment_task(glue_dir(), spec, REPO / "models" / task, REPO / AUG_DIR, seed=42)
 
 
-def chosen_form(task: str) -> tuple[str, str] | None:
-    """The (map, output) coefficients of the sweep run with the best dev score, once all of them have finished."""
+def sweep_scores(task: str) -> dict[tuple[str, str], float] | None:
+    """Best dev score of each (map, output) form of the task's seed-42 sweep (NaN: -inf); None until all finished."""
     scores = {}
     for form in FORMS:
         result = result_of(task, folder_of(unified_call(task, form), SWEEP_SEED))
@@ -130,7 +134,25 @@ def chosen_form(task: str) -> tuple[str, str] | None:
         best = json.loads(result.read_text())["best"]
         v = best["metrics"].get(best["select_metric"])
         scores[form] = v if v is not None and math.isfinite(v) else -math.inf
-    return max(FORMS, key=lambda f: scores[f])  # ties: the first form in FORMS
+    return scores
+
+
+def chosen_form(task: str) -> tuple[str, str] | None:
+    """The (map, output) coefficients of the task's sweep run with the best dev score, once all of them have finished."""
+    scores = sweep_scores(task)
+    return None if scores is None else max(FORMS, key=lambda f: scores[f])  # ties: the first form in FORMS
+
+
+def pooled_form() -> tuple[str, str] | None:
+    """The unified form of the other tasks (SST-2: a sweep there would cost six long runs): the form with the least
+    total regret (its score below the best form's) over the STS-B and CoLA sweeps present; None until
+    those have finished."""
+    present = [t for t in QUICK_TASKS if (glue_dir() / utils_glue.get_task(t).folder).is_dir()]
+    sweeps = [sweep_scores(t) for t in present]
+    if not sweeps or any(s is None for s in sweeps):
+        return None
+    regret = {f: sum(s[f] - max(s.values()) for s in sweeps) for f in FORMS}  # -inf for a NaN run
+    return max(FORMS, key=lambda f: regret[f])
 
 
 @dataclass(frozen=True)
@@ -185,19 +207,25 @@ AUG_DIR = Path("data") / "glue_aug"
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
-    """The teachers, then quick tasks (STS-B, CoLA) tier by tier, each tier seed by seed, then every other task's
-    teacher and rows the same way (SST-2: 6,315 steps a run, 12× STS-B's)."""
+    """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; every other task's
+    teacher and first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the quick
+    tasks' ablations; then the other tasks' remaining rows."""
     def teacher(t):
         return Job(t, "teacher", None, (("quant_task_glue.py", t, "--teacher-only"),))
+
+    def block(group: list[str], tier: tuple[str, ...]) -> list[Job]:
+        return [Job(task, r.name, seed, r.calls) for task in group for seed in seeds for r in rows_for(task, seed)
+                if r.name in tier or (r.name.startswith("sweep") and "unified" in tier)]
     quick = [t for t in QUICK_TASKS if t in tasks]  # STS-B first: the shortest runs and the recipe's main target
+    others = [t for t in tasks if t not in QUICK_TASKS and t not in TEACHER_ONLY_TASKS]
+    *table_tiers, ablations = TIERS
     jobs = [teacher(t) for t in quick + [t for t in tasks if t in TEACHER_ONLY_TASKS]]
-    for group in (quick, [t for t in tasks if t not in QUICK_TASKS and t not in TEACHER_ONLY_TASKS]):
-        jobs += [teacher(t) for t in group if t not in quick]
-        for tier in TIERS:
-            for task in group:
-                for seed in seeds:
-                    jobs += [Job(task, r.name, seed, r.calls) for r in rows_for(task, seed)
-                             if r.name in tier or (r.name.startswith("sweep") and "unified" in tier)]
+    for tier in table_tiers:
+        jobs += block(quick, tier)
+    jobs += [teacher(t) for t in others] + block(others, table_tiers[0])
+    jobs += block(quick, ablations)
+    for tier in table_tiers[1:]:
+        jobs += block(others, tier)
     return jobs
 
 

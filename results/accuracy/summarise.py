@@ -28,7 +28,9 @@ ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "map+noclip", "
 ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
               "output": "output (pred + rep + attn_output)",
               "unified": "unified, pred + rep + map_coeff·attn_map + output_coeff·attn_output, the form and γ the "
-                         "seed-42 sweep below picked (best dev; that seed's score is therefore optimistic)",
+                         "task's seed-42 sweep below picked (best dev; that seed's score is therefore optimistic); "
+                         "other tasks (SST-2) have no sweep and take the form with the least total regret over the "
+                         "STS-B and CoLA sweeps",
               "ti-g": "TI-G two-step (step 1: gradual intervention, N1 steps; step 2: the rest)",
               "small": "recommended small-model recipe (run_kd_qat_small.sh)",
               "map+noclip": "map with one lever: no activation clip (--no-quant.act_clip)",
