@@ -567,11 +567,12 @@ class Picker:
         while not self.stopped and (job := self.next()) is not None:
             try:
                 est, t0 = estimate_s(job), time.time()
-                resumed = job.row != "teacher" and any((f / "checkpoint.pt").is_file() for f in folders(job)
-                                                       if not finished(f))  # part of it ran before: no measure
+                # a teacher already in models/ takes a second; part of a resumed run ran before: neither measures
+                measured = job.row != "teacher" and not any((f / "checkpoint.pt").is_file() for f in folders(job)
+                                                            if not finished(f))
                 if not run_job(job, logs):
                     self.failed.append(job.label)
-                elif est and not resumed:
+                elif est and measured:
                     with self.lock:
                         self.ratios.append((time.time() - t0) / est)
             except Interrupted:
