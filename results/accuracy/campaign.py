@@ -464,12 +464,17 @@ def main() -> int:
         return [j for j in queue(tasks, args.seeds) if not args.rows or j.row in args.rows or j.row == "teacher"]
     jobs = selected()
     if args.list:
+        todo, total, unknown = 0, 0.0, 0
         for j in jobs:
             state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
                 " ".join("done" if done(j.task, f) else "busy" if busy(f) else "todo" for f in folders(j))
             est = None if state in ("teacher: not needed",) or state.endswith("done") else estimate_s(j)
             est = None if est is None else MARGIN * est
             print(f"{j.label:24s} {state}" + (f"  (~{est / 60:.0f} min)" if est is not None else ""))
+            if state != "teacher: not needed" and not state.endswith("done"):
+                todo, total, unknown = todo + 1, total + (est or 0.0), unknown + (est is None)
+        print(f"{todo} job(s) to run: ~{total / 3600:.1f} h at the committed runs' speed, one after another (÷ --jobs "
+              f"side by side)" + (f"; {unknown} without an estimate" if unknown else ""))
         return 0
     if args.collect:
         ended = [j for j in jobs if j.row != "teacher" and all(done(j.task, f) for f in folders(j))]
