@@ -269,7 +269,8 @@ def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablatio
     assert sst == ["sst-2/teacher", *(f"sst-2/{r}/s{s}" for s in (42, 52) for r in ("baseline", "small", "map")),
                    "sst-2/ti-g/s42", "sst-2/ti-g/s52", "sst-2/output/s42", "sst-2/output/s52"]  # no sweep, no ablations
     at = labels.index
-    assert at("cola/output/s52") < at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/map+noclip/s42")
+    assert at("cola/output/s52") < at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
+    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52")
     assert at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
 
 

@@ -10,9 +10,10 @@
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
-tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then SST-2
-(and any other task present): its teacher and first tier; then the STS-B and CoLA single-lever ablations; then
-SST-2's other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
+tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then the
+STS-B and CoLA single-lever ablations on seed 42 (a screen of the levers before the recipe runs on a long task); then
+SST-2 (and any other task present): its teacher and first tier; then the ablations on seeds 52 and 62; then SST-2's
+other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
 `pooled_form`). A finished run's small files (config, command, metrics, result; no weights) are copied to
 results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
 continue; a run folder another live process holds is left to it. A run whose committed copy is there counts as
@@ -207,13 +208,14 @@ AUG_DIR = Path("data") / "glue_aug"
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
-    """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; every other task's
-    teacher and first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the quick
-    tasks' ablations; then the other tasks' remaining rows."""
+    """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; their ablations on
+    the first seed (a screen of the levers, before the recipe runs on a long task); every other task's teacher and
+    first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the ablations on the
+    other seeds; then the other tasks' remaining rows."""
     def teacher(t):
         return Job(t, "teacher", None, (("quant_task_glue.py", t, "--teacher-only"),))
 
-    def block(group: list[str], tier: tuple[str, ...]) -> list[Job]:
+    def block(group: list[str], tier: tuple[str, ...], seeds: list[int] = seeds) -> list[Job]:
         return [Job(task, r.name, seed, r.calls) for task in group for seed in seeds for r in rows_for(task, seed)
                 if r.name in tier or (r.name.startswith("sweep") and "unified" in tier)]
     quick = [t for t in QUICK_TASKS if t in tasks]  # STS-B first: the shortest runs and the recipe's main target
@@ -222,8 +224,9 @@ def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
     jobs = [teacher(t) for t in quick + [t for t in tasks if t in TEACHER_ONLY_TASKS]]
     for tier in table_tiers:
         jobs += block(quick, tier)
+    jobs += block(quick, ablations, seeds[:1])
     jobs += [teacher(t) for t in others] + block(others, table_tiers[0])
-    jobs += block(quick, ablations)
+    jobs += block(quick, ablations, seeds[1:])
     for tier in table_tiers[1:]:
         jobs += block(others, tier)
     return jobs
