@@ -72,12 +72,14 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     cell = lambda best: {"best": dict(zip((42, 52, 62), best))}
     t = {"teacher": {"sts-b": 84.5, "cola": 26.4},
          "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
-                  "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])}}}
+                  "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])},
+                  "small+token": {"sts-b": cell([84.5, 83.0])}}}
     text = "\n".join(summarise.targets(t))
     assert "STS-B: 1.00 points below (3 seed(s)); target ≤ 1.0 over 3 seeds: met" in text
     assert "open (missing: sst-2)" in text
     assert "map − baseline on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +1.00, -0.50" in text
     assert "small − baseline on sts-b: +6.00" in text
+    assert "small+token − small on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +0.50, +0.00" in text
 
 
 def test_queue_runs_teachers_then_tier_by_tier_each_over_every_seed(tmp_path, monkeypatch):

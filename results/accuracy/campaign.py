@@ -93,6 +93,9 @@ def rows_for(task: str, seed: int) -> list[Row]:
     if not quick:  # the single-lever ablations are on STS-B and CoLA
         return rows
     return rows + [
+        # a candidate for the recipe: per-token activation scales on top of it (the recipe drops the ±2.5 clip, so
+        # one outlier sets a whole batch tensor's step)
+        Row("small+token", (("run_kd_qat_small.sh", task, *LEVERS["token"]),)),
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
         Row("map+aug", (("run_kd_qat_map.sh", task, "--data.glue_dir", str(AUG_DIR), "--data.augment",
                          "--train.max_steps", str(long_steps(task)), "--optim.lr", "5e-5"),)),
@@ -196,12 +199,15 @@ def launcher_cmd(call: tuple[str, ...], seed: int | None) -> list[str]:
 LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip",),
           "emb8": ("--quant.embedding_bits", "8"), "long": ("--train.epochs", "6", "--optim.lr", "5e-5"),
           # long's two halves: at equal steps (6ep vs long: the LR alone), at equal LR (map vs 6ep: the steps alone)
-          "6ep": ("--train.epochs", "6"), "lr5e-5": ("--optim.lr", "5e-5")}
+          "6ep": ("--train.epochs", "6"), "lr5e-5": ("--optim.lr", "5e-5"),
+          # one activation scale per token (per query row for attention probabilities) instead of per batch tensor:
+          # no other sequence's outlier (or padding) coarsens a token's step (docs/algorithms.md §2.3)
+          "token": ("--quant.act_granularity", "token")}
 # Rows in order of what the targets need first: the recipe against the baseline and map (3 seeds), then the
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.
 TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"),
-         (*(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
+         ("small+token", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
 # map+aug: `utils_glue.py augment` data (made here once per machine, from the task's teacher, seed 42), trained for
 # map+long's step count at its LR, so the two differ only in the data
 AUG_DIR = Path("data") / "glue_aug"
