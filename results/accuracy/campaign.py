@@ -96,14 +96,21 @@ def rows_for(task: str, seed: int) -> list[Row]:
         # a candidate for the recipe: per-token activation scales on top of it (the recipe drops the ±2.5 clip, so
         # one outlier sets a whole batch tensor's step)
         Row("small+token", (("run_kd_qat_small.sh", task, *LEVERS["token"]),)),
+        # and augmented data (TinyBERT and TernaryBERT train small GLUE tasks on it) at the recipe's step count
+        Row("small+aug", (("run_kd_qat_small.sh", task, *aug_flags(task)),)),
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
-        Row("map+aug", (("run_kd_qat_map.sh", task, "--data.glue_dir", str(AUG_DIR), "--data.augment",
-                         "--train.max_steps", str(long_steps(task)), "--optim.lr", "5e-5"),)),
+        Row("map+aug", (("run_kd_qat_map.sh", task, *aug_flags(task), "--optim.lr", "5e-5"),)),
         # TinyBERT's two stages through the general-distillation schedule: the encoder with rep + attn_map, then the
         # head (pooler + classifier) with pred for the last quarter of the budget (docs/algorithms.md §7)
         Row("map+twostage", tuple(("run_kd_qat_map.sh", task, "--distill.schedule", "two_step", "--distill.step", k)
                                   for k in ("1", "2"))),
     ]
+
+
+def aug_flags(task: str) -> tuple[str, ...]:
+    """Train on AUG_DIR's train_aug.tsv for 6 epochs' worth of the original training set (map+long's and the
+    recipe's step count; epochs of the 20× larger augmented set would be 20× longer)."""
+    return "--data.glue_dir", str(AUG_DIR), "--data.augment", "--train.max_steps", str(long_steps(task))
 
 
 @functools.cache
@@ -207,7 +214,7 @@ LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.
 TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"),
-         ("small+token", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
+         ("small+token", "small+aug", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
 # map+aug: `utils_glue.py augment` data (made here once per machine, from the task's teacher, seed 42), trained for
 # map+long's step count at its LR, so the two differ only in the data
 AUG_DIR = Path("data") / "glue_aug"
