@@ -98,6 +98,8 @@ def rows_for(task: str, seed: int) -> list[Row]:
         Row("small+token", (("run_kd_qat_small.sh", task, *LEVERS["token"]),)),
         # and augmented data (TinyBERT and TernaryBERT train small GLUE tasks on it) at the recipe's step count
         Row("small+aug", (("run_kd_qat_small.sh", task, *aug_flags(task)),)),
+        # and twice its steps: its dev curves still rise over the last epochs (XTC trains 18 epochs)
+        Row("small+12ep", (("run_kd_qat_small.sh", task, "--train.epochs", "12"),)),
         *(Row(f"map+{k}", (("run_kd_qat_map.sh", task, *flags),)) for k, flags in LEVERS.items()),
         Row("map+aug", (("run_kd_qat_map.sh", task, *aug_flags(task), "--optim.lr", "5e-5"),)),
         # TinyBERT's two stages through the general-distillation schedule: the encoder with rep + attn_map, then the
@@ -214,7 +216,7 @@ LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip
 # TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
 # before the next tier starts.
 TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"),
-         ("small+token", "small+aug", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
+         ("small+token", "small+aug", "small+12ep", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
 # map+aug: `utils_glue.py augment` data (made here once per machine, from the task's teacher, seed 42), trained for
 # map+long's step count at its LR, so the two differ only in the data
 AUG_DIR = Path("data") / "glue_aug"

@@ -23,8 +23,9 @@ sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402
 from transformer.config import TASK_DEFAULTS  # noqa: E402
 
-ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "small+token", "small+aug", "map+noclip", "map+pact", "map+emb8",
-        "map+long", "map+6ep", "map+lr5e-5", "map+token", "map+aug", "map+twostage")
+ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "small+token", "small+aug", "small+12ep",
+        "map+noclip", "map+pact", "map+emb8", "map+long", "map+6ep", "map+lr5e-5", "map+token", "map+aug",
+        "map+twostage")
 ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map": "map (pred + rep + attn_map)",
               "output": "output (pred + rep + attn_output)",
               "unified": "unified, pred + rep + map_coeff·attn_map + output_coeff·attn_output, the form and γ the "
@@ -37,6 +38,7 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
                              "row for attention probabilities): a candidate for the recipe",
               "small+aug": "the recipe on `utils_glue.py augment` data at its own step count (6 epochs of the "
                            "original training set): a candidate for the recipe",
+              "small+12ep": "the recipe for 12 epochs instead of 6 (same peak LR 5e-5): a candidate for the recipe",
               "map+noclip": "map with one lever: no activation clip (--no-quant.act_clip)",
               "map+pact": "map with one lever: learned activation clips (--quant.act_learned_clip, PACT)",
               "map+emb8": "map with one lever: 8-bit word embeddings (--quant.embedding_bits 8; the export grows by "
@@ -220,7 +222,7 @@ def targets(t: dict) -> list[str]:
     else:
         out.append(f"- Recipe vs teacher, mean over {', '.join(TARGET_TASKS)}: open (missing: "
                    + ", ".join(x for x, g in zip(TARGET_TASKS, gaps) if not g) + ")")
-    pairs = [(row, "baseline") for row in ("map", "output", "unified", "ti-g", "small")] + [(r, "small") for r in ("small+token", "small+aug")]
+    pairs = [(row, "baseline") for row in ("map", "output", "unified", "ti-g", "small")] + [(r, "small") for r in ("small+token", "small+aug", "small+12ep")]
     for row, ref in pairs:
         for x in TARGET_TASKS:
             a, b = t["rows"].get(row, {}).get(x), t["rows"].get(ref, {}).get(x)
