@@ -224,8 +224,9 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     jobs = [job("long"), job("dense"), job("short"), job("new", task="sst-2")]
     picker = campaign.Picker(lambda: jobs, deadline=time.time() + 600)  # short ~5.6 min, dense ~11 min, long ~40
     assert picker.next().row == "short"
-    assert picker.next().row == "new"  # no history, no estimate: started
-    assert picker.next() is None and picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42"}
+    assert picker.next() is None and picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42", "sst-2/new/s42"}
+    far = campaign.Picker(lambda: jobs[3:], deadline=time.time() + campaign.UNKNOWN_JOB_S + 60)
+    assert far.next().row == "new"  # no history: started only with UNKNOWN_JOB_S left
     assert campaign.Picker(lambda: jobs).next().row == "long"  # no deadline: queue order
     faster = campaign.Picker(lambda: jobs, deadline=time.time() + 600)
     faster.ratios = [0.5, 0.4, 0.9]  # this machine ran the jobs it finished in half the estimated time

@@ -273,6 +273,9 @@ def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
 
 CALL_OVERHEAD_S = 90.0  # per launcher call: teacher and data loading, the final evaluation and saving
 MARGIN = 1.15
+# A job without history (a new task's teacher or first runs) is taken to need this long: SST-2's are 12× STS-B's
+# steps, and one started near a session's end would be lost with the machine
+UNKNOWN_JOB_S = 2 * 3600.0
 
 
 @functools.cache
@@ -538,10 +541,10 @@ class Interrupted(Exception):
 class Picker:
     """Hands each worker the first job of a freshly built queue that is neither finished nor taken, so rows added
     while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place. With a deadline, a job
-    whose estimate ends after it is passed over for a later, shorter one; a job without an estimate is started (its
-    wall time becomes the history). The estimate is `estimate_s` times this machine's speed relative to the history
-    (the median ratio of wall time to estimate over the jobs this campaign has finished; 1 before the first), times
-    MARGIN."""
+    whose estimate ends after it is passed over for a later, shorter one; a job without history counts as
+    UNKNOWN_JOB_S (its wall time becomes the history). The estimate is `estimate_s` times this machine's speed
+    relative to the history (the median ratio of wall time to estimate over the jobs this campaign has finished; 1
+    before the first), times MARGIN."""
     def __init__(self, make_queue, deadline: float | None = None):
         self.make_queue, self.lock, self.deadline = make_queue, threading.Lock(), deadline
         self.taken: set[str] = set()
@@ -555,7 +558,8 @@ class Picker:
         if self.deadline is None:
             return True
         est = self.expected_s(job)
-        if est is None or time.time() + est <= self.deadline:
+        est = UNKNOWN_JOB_S if est is None else est
+        if time.time() + est <= self.deadline:
             return True
         if job.label not in self.too_long:
             self.too_long.add(job.label)
