@@ -489,10 +489,11 @@ def main() -> int:
         for j in jobs:
             state = ("teacher: make" if teacher_needed(j.task, jobs) else "teacher: not needed") if j.row == "teacher" else \
                 " ".join("done" if done(j.task, f) else "busy" if busy(f) else "todo" for f in folders(j))
-            est = None if state in ("teacher: not needed",) or state.endswith("done") else estimate_s(j)
+            pending = state != "teacher: not needed" and not state.endswith("done")
+            est = estimate_s(j) if pending else None
             est = None if est is None else MARGIN * est
             print(f"{j.label:24s} {state}" + (f"  (~{est / 60:.0f} min)" if est is not None else ""))
-            if state != "teacher: not needed" and not state.endswith("done"):
+            if pending:
                 todo, total, unknown = todo + 1, total + (est or 0.0), unknown + (est is None)
         print(f"{todo} job(s) to run: ~{total / 3600:.1f} h at the committed runs' speed, one after another (÷ --jobs "
               f"side by side)" + (f"; {unknown} without an estimate" if unknown else ""))
