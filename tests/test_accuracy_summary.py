@@ -220,11 +220,21 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     (tmp_path / "out" / "ti1").mkdir(parents=True)
     (tmp_path / "out" / "ti1" / "result.json").write_text("{}")  # step 1 finished here: only step 2 is left
     assert campaign.estimate_s(ti) == campaign.CALL_OVERHEAD_S + 2.0 * 40
+    (tmp_path / "out" / "ti2").mkdir()
+    (tmp_path / "out" / "ti2" / "checkpoint.pt").write_text("")  # step 2 stopped after step 30 at a checkpoint
+    (tmp_path / "out" / "ti2" / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "loss/total": 1.0}) + "\n"
+                                                                   for k in range(1, 31)) + '{"step": 3')  # cut line
+    assert campaign.steps_done(tmp_path / "out" / "ti2") == 30
+    assert campaign.estimate_s(ti) == campaign.CALL_OVERHEAD_S + 2.0 * 10  # the remaining steps only
 
     jobs = [job("long"), job("dense"), job("short"), job("new", task="sst-2")]
     picker = campaign.Picker(lambda: jobs, deadline=time.time() + 600)  # short ~5.6 min, dense ~11 min, long ~40
     assert picker.next().row == "short"
-    assert picker.next() is None and picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42", "sst-2/new/s42"}
+    assert picker.next().row == "long"  # none fits: the first starts anyway, to stop at the deadline with a checkpoint
+    assert picker.too_long == {"sts-b/long/s42", "sts-b/dense/s42", "sst-2/new/s42"}
+    assert picker.next().row == "dense"
+    picker.deadline = time.time() - 1  # past it: nothing starts
+    assert picker.next() is None
     far = campaign.Picker(lambda: jobs[3:], deadline=time.time() + campaign.UNKNOWN_JOB_S + 60)
     assert far.next().row == "new"  # no history: started only with UNKNOWN_JOB_S left
     assert campaign.Picker(lambda: jobs).next().row == "long"  # no deadline: queue order
@@ -240,6 +250,31 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     worker = campaign.Picker(lambda: [job("long")])
     worker.work(tmp_path)
     assert worker.ratios == []
+
+
+def test_at_the_deadline_the_runs_stop_at_a_checkpoint_and_no_job_starts(tmp_path, monkeypatch):
+    import threading
+    import time
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "out" / f"{call[0]}-s{seed}")
+    monkeypatch.setattr(campaign, "estimate_s", lambda job: 60.0)
+    # a run that, like quant_task_glue.py, takes Ctrl-C as: checkpoint, then exit 130
+    run = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGINT, lambda *a: (print('checkpoint', flush=True), sys.exit(130)))\n"
+           "print('training', flush=True)\ntime.sleep(120)\n")
+    monkeypatch.setattr(campaign, "launcher_cmd", lambda call, seed: [sys.executable, "-c", run])
+    jobs = [campaign.Job("sts-b", row, 42, ((f"run_kd_qat_{row}.sh", "sts-b"),)) for row in ("map", "output")]
+    picker = campaign.Picker(lambda: jobs, deadline=time.time() + 3600)
+    worker = threading.Thread(target=picker.work, args=(tmp_path,))
+    worker.start()
+    log = tmp_path / "sts-b_map_s42_1.log"
+    t0 = time.time()
+    while "training" not in (log.read_text() if log.is_file() else "") and time.time() - t0 < 60:
+        time.sleep(0.05)
+    picker.stop_at_deadline()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and picker.stopped and picker.taken == {"sts-b/map/s42"}  # output never started
+    assert log.read_text().split() == ["training", "checkpoint"] and not campaign.live
 
 
 def test_a_deadline_is_the_next_such_local_time():

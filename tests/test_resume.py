@@ -76,6 +76,7 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path, tiny_base, glue_dir):
 def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, glue_dir):
     _make_teacher(tmp_path, tiny_base, glue_dir)
     cmd = _cmd(tmp_path, tiny_base, glue_dir, "int", 400, "--train.log_every", "1")
+    t_first = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     logs = tmp_path / "int"
@@ -83,14 +84,20 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_base, 
         time.sleep(0.02)  # training has started: the handler is in place
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
+    first_s = time.time() - t_first
     run = _only_run(tmp_path / "int")
     assert proc.returncode == 130 and "checkpoint saved" in err, err[-2000:]
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == _losses(run)[-1][0]  # the checkpoint is at the last completed step
+    t_resume = time.time()
     resumed = subprocess.run(cmd, capture_output=True, text=True)
+    resumed_s = time.time() - t_resume
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [s for s, _ in _losses(run)]
     assert steps == list(range(1, 401))  # every step logged once: nothing lost, nothing repeated
+    # the run's wall time covers both processes (a campaign resumes runs in a later session)
+    wall = json.loads((run / "result.json").read_text())["wall_s"]
+    assert 0 < state["wall_s"] < first_s and state["wall_s"] < wall <= state["wall_s"] + resumed_s + 0.1
 
 
 DDP_TIMEOUT_S = 300  # a hung collective waits 30 min for gloo's own timeout: fail well before that

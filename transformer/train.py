@@ -441,7 +441,14 @@ class Loop:
     last_metrics: dict | None = None
     skipped: int = 0
     train_s: float = 0.0              # time in training steps since the last log line (not eval, not checkpoints)
+    t0: float = field(default_factory=time.time)  # when this process started the run
+    wall_before: float | None = 0.0   # wall seconds of the earlier processes a resumed run continues (None: unknown)
     terms: list[str] = field(default_factory=list)
+
+    def wall_s(self) -> float | None:
+        """The run's wall time so far, over every process that worked on it (a run resumed in a later session
+        included); None when a checkpoint from before this record was resumed."""
+        return None if self.wall_before is None else self.wall_before + time.time() - self.t0
 
     @property
     def ti_step1(self) -> bool:
@@ -489,7 +496,7 @@ def train_run(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> dic
         if lock is not None:
             check_writable(lock.folder)
             lock.acquire()
-        loop = prepare(cfg, dist, command)
+        loop = prepare(cfg, dist, command, t0)
         with StopRequest() as stop:
             for step in tqdm(range(loop.start, loop.total), initial=loop.start, total=loop.total, dynamic_ncols=True,
                              desc=f"kd-qat {loop.data.task.name}", disable=not dist.is_main):
@@ -498,7 +505,7 @@ def train_run(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> dic
                 if (step + 1) % cfg.train.eval_every == 0 or step + 1 == loop.total:
                     evaluate_and_keep_best(loop, step + 1)
                 checkpoint_or_stop(loop, step + 1, stop_now)
-        result = finish(loop, t0)
+        result = finish(loop)
         dist.barrier()  # no rank moves on before rank 0 has written result.json (two-step step 2 reads it)
         return result
     finally:  # every exit: logs closed, lock released
@@ -523,7 +530,7 @@ def _train_step1_once(cfg: RunConfig, dist: distributed.Dist, command: list[str]
     return train_run(cfg, dist, command)  # (another config in that folder: refused there as a finished run)
 
 
-def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
+def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str], t0: float) -> Loop:
     """Teacher (fine-tuned first if missing), student, optimizer, batch stream; a resumed run's saved state."""
     device = dist.device
     if device.type == "cpu":
@@ -586,7 +593,8 @@ def prepare(cfg: RunConfig, dist: distributed.Dist, command: list[str]) -> Loop:
                             world=dist.world, micro_batch_size=cfg.train.micro_batch_size, **train_padding(cfg.data))
     return Loop(cfg, dist, path, run, data, tokenizer, teacher, student, model, opt, batches, total, before, start,
                 teacher_metrics, phase, layer_map, projections, cache, best=state["best"] if state else None,
-                terms=["total", *active_terms(phase.loss)])
+                terms=["total", *active_terms(phase.loss)], t0=t0,
+                wall_before=state.get("wall_s") if state else 0.0)
 
 
 def make_student(cfg: RunConfig, init_dir: Path, phase: distill.Phase) -> tuple[BertForGlue, list[int], distill.Projections]:
@@ -698,19 +706,21 @@ def checkpoint_or_stop(loop: Loop, done: int, stop_now: bool) -> None:
         if loop.dist.is_main:
             save_checkpoint(loop.path, {"step": done, "model": loop.student.state_dict(), "optimizer": loop.opt.state_dict(),
                                         "rng": rng, "best": loop.best, "teacher": loop.teacher_metrics,
-                                        "projections": loop.projections.state_dict()})
+                                        "projections": loop.projections.state_dict(), "wall_s": loop.wall_s()})
     if stop_now:
         raise RunInterrupted(f"stopped after step {done}; checkpoint saved in {loop.path} "
                              "(run the same command again to resume)")
 
 
-def finish(loop: Loop, t0: float) -> dict | None:
+def finish(loop: Loop) -> dict | None:
     """result.json (its presence marks the run finished); the checkpoint is removed unless kept."""
     if not loop.dist.is_main:
         return None
     cfg, best, select = loop.cfg, loop.best, loop.data.task.select_metric
+    wall = loop.wall_s()  # every session's share of a resumed run; None: resumed from a checkpoint without that record
     result = {"run": str(loop.path), "task": loop.data.task.name, "steps": loop.total, "teacher": loop.teacher_metrics,
-              "best": best, "final": loop.last_metrics, "skipped_nonfinite": loop.skipped, "wall_s": round(time.time() - t0, 1)}
+              "best": best, "final": loop.last_metrics, "skipped_nonfinite": loop.skipped,
+              "wall_s": None if wall is None else round(wall, 1)}
     if cfg.ti.mode != "off":  # step numbers in the logs are this run's own; global step = steps_before + step
         result["ti"] = {"mode": cfg.ti.mode, "step": cfg.ti.step, "steps_before": loop.before,
                         **({"step1_run": str(step1_folder(cfg))} if cfg.ti.step == 2 else {})}

@@ -5,7 +5,7 @@
     ... --list                      print the queue and what is done, busy (held by a live run) or todo
     ... --tasks cola --seeds 42     a slice of the queue
     ... --collect                   copy the finished runs' small files to results/accuracy/runs/, run nothing
-    ... --deadline 23:40            start only runs expected to finish by then (estimate_s)
+    ... --deadline 23:40            prefer runs expected to finish by then (estimate_s); stop all there at a checkpoint
 
 Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_small.sh) with
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
@@ -268,8 +268,8 @@ def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Wall-time estimates, so that a campaign given --deadline starts only runs that can finish before it (a run cut off
-# by the end of a session is lost with its machine's output/)
+# Wall-time estimates, so that a campaign given --deadline prefers runs that can finish before it (a run stopped there
+# resumes in the next session only where output/ is kept; a fresh machine starts it again)
 
 CALL_OVERHEAD_S = 90.0  # per launcher call: teacher and data loading, the final evaluation and saving
 MARGIN = 1.15
@@ -322,14 +322,28 @@ def estimate_s(job: Job) -> float | None:
         return 0.0
     total = 0.0
     for call in job.calls:  # run_job reruns a call not finished here (a later step needs its weights)
-        if finished(folder_of(call, job.seed)):
+        if finished(folder := folder_of(call, job.seed)):
             continue
         cfg = dry_run(call, job.seed)["config"]
         rate = seconds_per_step(job.task, cfg["train"]["eval_every"] or 0)
         if rate is None:
             return None
-        total += CALL_OVERHEAD_S + rate * planned_steps(call, job.seed)
+        total += CALL_OVERHEAD_S + rate * max(0, planned_steps(call, job.seed) - steps_done(folder))
     return total
+
+
+def steps_done(folder: Path) -> int:
+    """Steps an interrupted run has behind it: the last step its metrics.jsonl logged (after a stop at a checkpoint,
+    the checkpoint's step; a run killed without one redoes a few); 0 for a run not started here."""
+    if not (folder / "checkpoint.pt").is_file() or not (folder / "metrics.jsonl").is_file():
+        return 0
+    last = 0
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):  # a line cut by the kill
+            continue
+    return last
 
 
 def parse_deadline(text: str, now: float | None = None) -> float:
@@ -377,6 +391,17 @@ def busy(folder: Path) -> bool:
 
 
 print_lock = threading.Lock()
+live_lock = threading.Lock()
+live: set[subprocess.Popen] = set()  # the runs this campaign has going, for stop_runs
+
+
+def stop_runs() -> int:
+    """Ctrl-C to every run going: each stops after its current step with a checkpoint (a teacher fine-tune, which
+    has none, is lost); the next campaign resumes them. Returns how many were asked."""
+    with live_lock:
+        for p in live:
+            p.send_signal(signal.SIGINT)
+        return len(live)
 
 
 def say(msg: str) -> None:
@@ -399,7 +424,14 @@ def run_job(job: Job, logs: Path) -> bool:
         say(f"start {job.label} ({i + 1}/{len(job.calls)}): {' '.join(cmd)}")
         t0 = time.time()
         with open(log, "w") as f:
-            r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHON": PYTHON})
+            r = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHON": PYTHON})
+            with live_lock:
+                live.add(r)
+            try:
+                r.wait()
+            finally:
+                with live_lock:
+                    live.discard(r)
         if r.returncode == 130:  # interrupted (Ctrl-C reaches the whole process group): its checkpoint is kept
             raise Interrupted(job.label)
         if r.returncode != 0:
@@ -471,8 +503,8 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each one CPU thread)")
     p.add_argument("--deadline", metavar="HH:MM",
-                   help="start only runs expected to finish by then (local time; estimates from the committed runs' "
-                        "wall times): a session's end loses the runs it cuts off")
+                   help="prefer runs expected to finish by then (local time; estimates from the committed runs' wall "
+                        "times), and at that time stop every run at a checkpoint, so a session's end cuts none off")
     p.add_argument("--list", action="store_true", help="print the queue with what is finished and exit")
     p.add_argument("--collect", action="store_true",
                    help="copy every finished run of the queue to results/accuracy/runs/ and exit (runs nothing)")
@@ -519,6 +551,10 @@ def main() -> int:
         jobs = selected()
         return [j for j in jobs if j.row != "teacher" or (j not in first and teacher_needed(j.task, jobs))]
     picker = Picker(rest, deadline)
+    timer = threading.Timer(max(0.0, deadline - time.time()), picker.stop_at_deadline) if deadline else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(args.jobs)]
     for w in workers:
         w.start()
@@ -528,6 +564,8 @@ def main() -> int:
                 w.join()
             except KeyboardInterrupt:  # the runs got it too and stop at a checkpoint; wait for them
                 picker.stopped = True
+    if timer is not None:
+        timer.cancel()
     if picker.stopped:
         return 130
     ok = ok and not picker.failed
@@ -543,9 +581,10 @@ class Picker:
     """Hands each worker the first job of a freshly built queue that is neither finished nor taken, so rows added
     while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place. With a deadline, a job
     whose estimate ends after it is passed over for a later, shorter one; a job without history counts as
-    UNKNOWN_JOB_S (its wall time becomes the history). The estimate is `estimate_s` times this machine's speed
-    relative to the history (the median ratio of wall time to estimate over the jobs this campaign has finished; 1
-    before the first), times MARGIN."""
+    UNKNOWN_JOB_S (its wall time becomes the history); when no job fits, the first one starts anyway, and the deadline
+    stops it at a checkpoint (`stop_at_deadline`). The estimate is `estimate_s` (a resumed run: its remaining steps)
+    times this machine's speed relative to the history (the median ratio of wall time to estimate over the jobs this
+    campaign has finished; 1 before the first), times MARGIN."""
     def __init__(self, make_queue, deadline: float | None = None):
         self.make_queue, self.lock, self.deadline = make_queue, threading.Lock(), deadline
         self.taken: set[str] = set()
@@ -570,6 +609,7 @@ class Picker:
 
     def next(self) -> Job | None:
         with self.lock:
+            first = None  # the first job anyone could start: taken past the deadline when no job fits before it
             for job in self.make_queue():
                 if job.label in self.taken or job.label in self.done:
                     continue
@@ -581,11 +621,23 @@ class Picker:
                         continue
                     if any(busy(f) for f in runs):  # looked at again when the queue is next rebuilt
                         continue
+                first = first or job
                 if not self.fits(job):
                     continue
                 self.taken.add(job.label)
                 return job
-            return None
+            if first is None or self.stopped or (self.deadline is not None and time.time() >= self.deadline):
+                return None
+            # an idle core until the deadline gains nothing: the run stops there at a checkpoint and the next campaign
+            # resumes it, where output/ is kept (a run longer than a session gets done this way, e.g. SST-2's recipe)
+            say(f"no run fits before the deadline; starting {first.label}, to stop there at a checkpoint")
+            self.taken.add(first.label)
+            return first
+
+    def stop_at_deadline(self) -> None:
+        """At the deadline: no new job, and the runs going stop at a checkpoint (resumed by the next campaign)."""
+        self.stopped = True
+        say(f"deadline: stopping {stop_runs()} run(s) at a checkpoint; rerun the campaign to resume them")
 
     def expected_s(self, job: Job) -> float | None:
         est = estimate_s(job)

@@ -100,12 +100,17 @@ def relative(command: str) -> str:
     return command.replace(f"{REPO}/", "")
 
 
+def fmt_wall(seconds: float | None) -> str:
+    return "unknown" if seconds is None else f"{seconds:.0f}"
+
+
 def table(runs: list[dict]) -> tuple[dict, list[str]]:
     by = defaultdict(dict)  # (task, row) -> seed -> final-call run
-    wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2
+    wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2; NaN: a share was not recorded
     commands = defaultdict(dict)  # (task, row, seed) -> call -> command
     for r in runs:
-        wall[(r["task"], r["row"], r["seed"])] += r["result"].get("wall_s", 0.0)
+        w = r["result"].get("wall_s")  # None: resumed from a checkpoint older than its wall-time record
+        wall[(r["task"], r["row"], r["seed"])] += math.nan if w is None else w
         steps[(r["task"], r["row"], r["seed"])] += r["result"]["steps"]
         commands[(r["task"], r["row"], r["seed"])][r["call"]] = relative(r["command"])
         if r["call"] == r["calls"]:
@@ -119,7 +124,7 @@ def table(runs: list[dict]) -> tuple[dict, list[str]]:
             "best": {s: published_best(r) for s, r in sorted(seeds.items())},
             "final": {s: score(r["result"]["final"], select) for s, r in sorted(seeds.items())},
             "steps": {s: steps[(task, row, s)] for s in sorted(seeds)},
-            "wall_s": {s: wall[(task, row, s)] for s in sorted(seeds)},
+            "wall_s": {s: None if math.isnan(w := wall[(task, row, s)]) else w for s in sorted(seeds)},
             "commands": [c for _, c in sorted(commands[(task, row, min(seeds))].items())]}
     out["teacher"] = {}
     for f in sorted((HERE / "teachers").glob("*.json")):  # the teachers' finetune.json, copied by campaign.py
@@ -278,7 +283,7 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
             cell = t["rows"].get(row, {}).get(x)
             for s in (cell or {}).get("best", {}):
                 lines.append(f"| {x} | {row} | {s} | {cell['best'][s]:.2f} | {cell['final'][s]:.2f} | "
-                             f"{cell['steps'][s]} | {cell['wall_s'][s]:.0f} |")
+                             f"{cell['steps'][s]} | {fmt_wall(cell['wall_s'][s])} |")
     sweep = sorted((r for r in t["rows"] if r.startswith("sweep-")), key=sweep_form)
     if sweep:
         lines += ["", "## Unified loss: the γ sweep (seed 42, best dev / final)", "",
