@@ -33,6 +33,16 @@ def test_ti_steps_to_the_baselines_final_score_count_global_steps():
     assert [(s, round(v, 6)) for s, v in c["ti"]] == [(20, 0.0), (40, 10.0), (60, 55.0), (80, 60.0), (100, 60.0)]
     # (global step 50 is off the 20-step grid)
     assert (c["baseline_steps"], c["ti_steps"], c["speedup"]) == (60, 60, 1.0)
+    # smoothed over 2 evaluations: baseline 20 (40), 40 (60), 47.5 (80), 47.5 (100): target 47.5, reached at 80;
+    # TI-G 5 (40), 32.5 (60), 57.5 (80), 60 (100): reached at 80
+    (c,) = summarise.ti_curves([base, step1, step2], window=2).values()
+    assert c["target_smoothed"] == 47.5 and (c["baseline_steps_smoothed"], c["ti_steps_smoothed"]) == (80, 80)
+    late = _run("cola", "baseline", 42, {20: 0.1, 40: 0.6, 60: 0.2, 80: 0.45, 100: 0.5})  # one early spike
+    (c,) = summarise.ti_curves([late, step1, step2], window=2).values()
+    assert (c["baseline_steps"], c["ti_steps"]) == (40, 60)  # the spike reaches the final 50 first
+    # smoothed baseline 35 (40), 40 (60), 32.5 (80), 47.5 (100): its spike no longer counts
+    assert (c["baseline_steps_smoothed"], c["ti_steps_smoothed"], c["speedup_smoothed"]) == (100, 80, 1.25)
+    assert summarise.trailing_means([(20, 1.0), (40, math.nan), (60, 3.0)], 2) == [(40, 1.0), (60, 3.0)]
 
 
 _cspec = importlib.util.spec_from_file_location("campaign", REPO / "results" / "accuracy" / "campaign.py")
