@@ -274,7 +274,7 @@ def folder_of(call: tuple[str, ...], seed: int | None) -> Path:
 CALL_OVERHEAD_S = 90.0  # per launcher call: teacher and data loading, the final evaluation and saving
 MARGIN = 1.15
 # A job without history (a new task's teacher or first runs) is taken to need this long: SST-2's are 12× STS-B's
-# steps, and one started near a session's end would be lost with the machine
+# steps, so one is not preferred near the deadline over a run that can finish
 UNKNOWN_JOB_S = 2 * 3600.0
 
 

@@ -106,11 +106,11 @@ def fmt_wall(seconds: float | None) -> str:
 
 def table(runs: list[dict]) -> tuple[dict, list[str]]:
     by = defaultdict(dict)  # (task, row) -> seed -> final-call run
-    wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2; NaN: a share was not recorded
+    wall, steps = defaultdict(float), defaultdict(int)  # TI-G: step 1 + step 2; None: a share was not recorded
     commands = defaultdict(dict)  # (task, row, seed) -> call -> command
     for r in runs:
-        w = r["result"].get("wall_s")  # None: resumed from a checkpoint older than its wall-time record
-        wall[(r["task"], r["row"], r["seed"])] += math.nan if w is None else w
+        key, w = (r["task"], r["row"], r["seed"]), r["result"].get("wall_s")  # None: resumed from an older checkpoint
+        wall[key] = None if w is None or wall[key] is None else wall[key] + w
         steps[(r["task"], r["row"], r["seed"])] += r["result"]["steps"]
         commands[(r["task"], r["row"], r["seed"])][r["call"]] = relative(r["command"])
         if r["call"] == r["calls"]:
@@ -124,7 +124,7 @@ def table(runs: list[dict]) -> tuple[dict, list[str]]:
             "best": {s: published_best(r) for s, r in sorted(seeds.items())},
             "final": {s: score(r["result"]["final"], select) for s, r in sorted(seeds.items())},
             "steps": {s: steps[(task, row, s)] for s in sorted(seeds)},
-            "wall_s": {s: None if math.isnan(w := wall[(task, row, s)]) else w for s in sorted(seeds)},
+            "wall_s": {s: wall[(task, row, s)] for s in sorted(seeds)},
             "commands": [c for _, c in sorted(commands[(task, row, min(seeds))].items())]}
     out["teacher"] = {}
     for f in sorted((HERE / "teachers").glob("*.json")):  # the teachers' finetune.json, copied by campaign.py
