@@ -317,9 +317,13 @@ def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablatio
     assert sst == ["sst-2/teacher", *(f"sst-2/{r}/s{s}" for s in (42, 52) for r in ("baseline", "small", "map")),
                    "sst-2/ti-g/s42", "sst-2/ti-g/s52", "sst-2/output/s42", "sst-2/output/s52"]  # no sweep, no ablations
     at = labels.index
-    assert at("cola/output/s52") < at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
-    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52")
-    assert at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
+    # the recipe's candidates: every STS-B seed and CoLA's first before the levers' screen, each row's seeds together
+    assert at("cola/output/s52") < at("sts-b/small+12ep/s42") < at("sts-b/small+12ep/s52") < at("sts-b/small+aug/s42")
+    assert at("sts-b/small+token/s52") < at("cola/small+12ep/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
+    assert at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
+    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("cola/small+12ep/s52") < at("sts-b/map+noclip/s52")
+    assert at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
+    assert len(labels) == len(set(labels))  # no run queued twice
 
 
 def test_other_tasks_take_the_unified_form_with_the_least_total_regret_over_both_sweeps(tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
 tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then the
-STS-B and CoLA single-lever ablations on seed 42 (a screen of the levers before the recipe runs on a long task); then
-SST-2 (and any other task present): its teacher and first tier; then the ablations on seeds 52 and 62; then SST-2's
+recipe's candidates (CANDIDATES) on STS-B's three seeds and CoLA's first, and the single-lever ablations on seed 42
+(a screen of the levers before the recipe runs on a long task); then SST-2 (and any other task present): its
+teacher and first tier; then the candidates and ablations on seeds 52 and 62; then SST-2's
 other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
 `pooled_form`). A finished run's small files (config, command, metrics, result; no weights) are copied to
 results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
@@ -213,36 +214,42 @@ LEVERS = {"noclip": ("--no-quant.act_clip",), "pact": ("--quant.act_learned_clip
           # no other sequence's outlier (or padding) coarsens a token's step (docs/algorithms.md §2.3)
           "token": ("--quant.act_granularity", "token")}
 # Rows in order of what the issue's targets need first: the recipe against the baseline and map (3 seeds), then the
-# TI comparison, then output and unified, then the single-lever ablations. A tier runs for every quick task and seed
-# before the next tier starts.
-TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"),
-         ("small+token", "small+aug", "small+12ep", *(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage"))
+# TI comparison, then output and unified (TIERS; each runs for every quick task and seed before the next starts); then
+# the recipe's candidates (CANDIDATES) on all seeds of STS-B, the recipe's main target, and on CoLA's first seed: they
+# decide the recipe before SST-2's long recipe runs use it; then the single-lever ablations on map (LEVER_ROWS).
+TIERS = (("baseline", "small", "map"), ("ti-g",), ("output", "unified"))
+# in order of their seed-42 STS-B gain over the recipe (+0.68, +0.34, -0.30 points), each candidate's seeds together
+CANDIDATES = ("small+12ep", "small+aug", "small+token")
+LEVER_ROWS = (*(f"map+{k}" for k in LEVERS), "map+aug", "map+twostage")
 # map+aug: `utils_glue.py augment` data (made here once per machine, from the task's teacher, seed 42), trained for
 # map+long's step count at its LR, so the two differ only in the data
 AUG_DIR = Path("data") / "glue_aug"
 
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
-    """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; their ablations on
-    the first seed (a screen of the levers, before the recipe runs on a long task); every other task's teacher and
-    first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the ablations on the
-    other seeds; then the other tasks' remaining rows."""
+    """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; the recipe's
+    candidates on every STS-B seed and CoLA's first; the map levers on the first seed (a screen); every other task's
+    teacher and first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the
+    candidates and levers on the other seeds; then the other tasks' remaining rows."""
     def teacher(t):
         return Job(t, "teacher", None, (("quant_task_glue.py", t, "--teacher-only"),))
 
     def block(group: list[str], tier: tuple[str, ...], seeds: list[int] = seeds) -> list[Job]:
         return [Job(task, r.name, seed, r.calls) for task in group for seed in seeds for r in rows_for(task, seed)
                 if r.name in tier or (r.name.startswith("sweep") and "unified" in tier)]
+
+    def by_row(group: list[str], rows: tuple[str, ...], seeds: list[int]) -> list[Job]:  # a row's seeds together
+        return [j for task in group for row in rows for seed in seeds for j in block([task], (row,), [seed])]
     quick = [t for t in QUICK_TASKS if t in tasks]  # STS-B first: the shortest runs and the recipe's main target
     others = [t for t in tasks if t not in QUICK_TASKS and t not in TEACHER_ONLY_TASKS]
-    *table_tiers, ablations = TIERS
     jobs = [teacher(t) for t in quick + [t for t in tasks if t in TEACHER_ONLY_TASKS]]
-    for tier in table_tiers:
+    for tier in TIERS:
         jobs += block(quick, tier)
-    jobs += block(quick, ablations, seeds[:1])
-    jobs += [teacher(t) for t in others] + block(others, table_tiers[0])
-    jobs += block(quick, ablations, seeds[1:])
-    for tier in table_tiers[1:]:
+    first = by_row(quick[:1], CANDIDATES, seeds) + by_row(quick[1:], CANDIDATES, seeds[:1])
+    jobs += first + block(quick, LEVER_ROWS, seeds[:1])
+    jobs += [teacher(t) for t in others] + block(others, TIERS[0])
+    jobs += [j for j in by_row(quick, CANDIDATES, seeds[1:]) if j not in first] + block(quick, LEVER_ROWS, seeds[1:])
+    for tier in TIERS[1:]:
         jobs += block(others, tier)
     return jobs
 
