@@ -340,3 +340,15 @@ def test_other_tasks_take_the_unified_form_with_the_least_total_regret_over_both
     assert unified.calls == ((("run_kd_qat_exploration.sh", "sst-2", "base", *b)),)
     scores["cola"] = None  # CoLA's sweep unfinished: no unified row for SST-2 yet
     assert campaign.pooled_form() is None and "unified" not in [r.name for r in campaign.rows_for("sst-2", 62)]
+
+
+def test_a_longer_schedule_is_also_read_at_the_shorter_ones_step_count():
+    # CoLA's published protocol evaluates every 50 steps; the long run's step-150 and step-200 scores lie past the
+    # short run's 100 steps, and its dense step-90 score is off the protocol
+    long = _run("cola", "small+12ep", 42, {50: 0.1, 90: 0.9, 100: 0.3, 150: 0.5, 200: 0.6})
+    short = _run("cola", "small", 42, {50: 0.2, 100: 0.25})
+    long["result"]["wall_s"], short["result"]["wall_s"] = 300.0, 100.0
+    assert summarise.published_best(long, budget=100) == 30.0
+    (row,) = [x for x in summarise.equal_cost([long, short]) if x.startswith("| cola")]
+    assert row == "| cola | small+12ep vs small | 100 | 30.00 (1 seed) | 25.00 (1 seed) | +5.00 | 60.00 (1 seed) | 3.00× |"
+    assert summarise.equal_cost([short]) == []  # no pair, no section

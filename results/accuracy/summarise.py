@@ -76,12 +76,13 @@ def score(metrics: dict, select: str) -> float:
     return 100 * v if v is not None else float("nan")
 
 
-def published_best(run: dict) -> float:
-    """Best dev score over the evaluations the published protocol makes (every eval_every steps and the last)."""
+def published_best(run: dict, budget: int | None = None) -> float:
+    """Best dev score over the evaluations the published protocol makes (every eval_every steps and the last); with
+    a step budget, only those at or before it (a longer schedule read at a shorter one's cost)."""
     select, last = run["result"]["best"]["select_metric"], run["result"]["steps"]
     every = TASK_DEFAULTS[run["task"]].eval_every
     vals = [score({k[5:]: v for k, v in e.items() if k.startswith("eval/")}, select) for e in run["evals"]
-            if e["step"] % every == 0 or e["step"] == last]
+            if (e["step"] % every == 0 or e["step"] == last) and (budget is None or e["step"] <= budget)]
     vals = [v for v in vals if not math.isnan(v)]
     return max(vals) if vals else float("nan")
 
@@ -275,6 +276,40 @@ def targets(t: dict) -> list[str]:
     return out + [""]
 
 
+# A longer schedule against the shorter one it extends, at the shorter one's step count: the same student costs the
+# same per step, so equal steps are equal wall time up to machine noise (the issue: "compare at equal wall time too")
+EQUAL_COST = (("small+12ep", "small"), ("map+long", "map+lr5e-5"), ("map+6ep", "map"))
+
+
+def equal_cost(runs: list[dict]) -> list[str]:
+    """Per pair and task: the long row's best dev within the short row's steps, the short row's best dev and the long
+    row's full best, mean over the paired seeds (single-call rows only)."""
+    by = {(r["task"], r["row"], r["seed"]): r for r in runs if r["calls"] == 1}
+    out = []
+    for long, short in EQUAL_COST:
+        for task in TASK_ORDER:
+            seeds = sorted(s for (t, row, s) in by if t == task and row == long and (task, short, s) in by)
+            if not seeds:
+                continue
+            pairs = [(by[(task, long, s)], by[(task, short, s)]) for s in seeds]
+            at = [published_best(a, b["result"]["steps"]) for a, b in pairs]
+            ref = [published_best(b) for _, b in pairs]
+            full = [published_best(a) for a, _ in pairs]
+            walls = [(a["result"].get("wall_s"), b["result"].get("wall_s")) for a, b in pairs]
+            ratio = [wa / wb for wa, wb in walls if wa and wb]
+            out.append(f"| {task} | {long} vs {short} | {pairs[0][1]['result']['steps']} | {mean_std(at)} | "
+                       f"{mean_std(ref)} | {', '.join(f'{x - y:+.2f}' for x, y in zip(at, ref))} | {mean_std(full)} | "
+                       + (f"{statistics.mean(ratio):.2f}×" if ratio else "unknown") + " |")
+    if not out:
+        return []
+    return ["", "## Longer schedules at equal cost (best dev)", "",
+            "The longer row's best evaluation within the shorter row's steps (its LR schedule still runs over its own, "
+            "longer length), the shorter row's best, their per-seed differences, the longer row's full best, and its "
+            "wall time over the shorter one's.", "",
+            "| task | rows | steps | long, within those steps | short | per-seed differences | long, all steps "
+            "| wall ratio |", "|---|---|---|---|---|---|---|---|", *out]
+
+
 def sweep_form(row: str) -> tuple[str, str]:
     """("map_coeff", "output_coeff") of a γ-sweep row name `sweep-map<m>-out<o>` (campaign.py)."""
     m, o = row[len("sweep-map"):].split("-out")
@@ -282,7 +317,7 @@ def sweep_form(row: str) -> tuple[str, str]:
 
 
 def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precisions: set[str],
-                 dense: set[str] = frozenset(), agreement: list[str] = ()) -> str:
+                 dense: set[str] = frozenset(), agreement: list[str] = (), cost: list[str] = ()) -> str:
     lines = ["# Accuracy: W2A8 MiniLM students on GLUE dev, mean ± std over seeds", "",
              "> Written by `results/accuracy/summarise.py` from `results/accuracy/runs/` (made by "
              "`results/accuracy/campaign.py`); do not edit by hand. Partial while the campaign runs: a cell says how "
@@ -317,6 +352,7 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
             for s in (cell or {}).get("best", {}):
                 lines.append(f"| {x} | {row} | {s} | {cell['best'][s]:.2f} | {cell['final'][s]:.2f} | "
                              f"{cell['steps'][s]} | {fmt_wall(cell['wall_s'][s])} |")
+    lines += cost
     sweep = sorted((r for r in t["rows"] if r.startswith("sweep-")), key=sweep_form)
     if sweep:
         lines += ["", "## Unified loss: the γ sweep (seed 42, best dev / final)", "",
@@ -383,7 +419,7 @@ def main() -> int:
              if r["config"]["train"]["eval_every"] != TASK_DEFAULTS[r["task"]].eval_every}
     (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs},
                                                  {r["config"]["train"]["precision"] for r in runs}, dense,
-                                                 teacher_agreement(runs)))
+                                                 teacher_agreement(runs), equal_cost(runs)))
     print((HERE / "README.md").read_text())
     return 0
 
