@@ -79,12 +79,14 @@ def test_unified_row_waits_for_the_gamma_sweep_then_takes_its_best_form(tmp_path
 
 
 def test_targets_report_the_recipes_gap_and_paired_differences():
-    cell = lambda best: {"best": dict(zip((42, 52, 62), best))}
+    cell = lambda best, steps=540: {"best": dict(zip((42, 52, 62), best)), "steps": dict.fromkeys((42, 52, 62), steps)}
     t = {"teacher": {"sts-b": 84.5, "cola": 26.4},
          "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
                   "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])},
-                  "small+token": {"sts-b": cell([84.5, 83.0])}}}
+                  "small+token": {"sts-b": cell([84.5, 83.0])}, "small+12ep": {"sts-b": cell([83.0, 83.5, 83.8], 2160)}}}
     text = "\n".join(summarise.targets(t))
+    assert "`small+token` vs teacher on STS-B: 0.75 points below (2 seed(s), 540 steps); ≤ 1.0 over 3 seeds: open" in text
+    assert "`small+12ep` vs teacher on STS-B: 1.07 points below (3 seed(s), 2160 steps); ≤ 1.0 over 3 seeds: not met" in text
     assert "STS-B: 1.00 points below (3 seed(s)); target ≤ 1.0 over 3 seeds: met" in text
     assert "open (missing: sst-2)" in text
     assert "map − baseline on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +1.00, -0.50" in text
@@ -317,11 +319,13 @@ def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablatio
     assert sst == ["sst-2/teacher", *(f"sst-2/{r}/s{s}" for s in (42, 52) for r in ("baseline", "small", "map")),
                    "sst-2/ti-g/s42", "sst-2/ti-g/s52", "sst-2/output/s42", "sst-2/output/s52"]  # no sweep, no ablations
     at = labels.index
-    # the recipe's candidates: every STS-B seed and CoLA's first before the levers' screen, each row's seeds together
+    # the recipe's candidates: every seed before the levers' screen, each row's seeds together; a screened-out one on
+    # seed 42 first and its other seeds with the ablations
     assert at("cola/output/s52") < at("sts-b/small+12ep/s42") < at("sts-b/small+12ep/s52") < at("sts-b/small+aug/s42")
-    assert at("sts-b/small+token/s52") < at("cola/small+12ep/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
+    assert at("sts-b/small+aug/s52") < at("cola/small+12ep/s42") < at("cola/small+12ep/s52") < at("cola/small+aug/s52")
+    assert at("cola/small+aug/s52") < at("sts-b/small+token/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
     assert at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
-    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("cola/small+12ep/s52") < at("sts-b/map+noclip/s52")
+    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/small+token/s52") < at("sts-b/map+noclip/s52")
     assert at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
     assert len(labels) == len(set(labels))  # no run queued twice
 

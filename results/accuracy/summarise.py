@@ -232,6 +232,7 @@ def plot_ti(curves: dict, path: Path) -> None:
 
 
 TARGET_TASKS = ("sts-b", "cola", "sst-2")
+CANDIDATES = ("small+token", "small+aug", "small+12ep")  # the recipe with one more lever (campaign.py)
 
 
 def gap(t: dict, row: str, task: str) -> tuple[float, int] | None:
@@ -252,6 +253,13 @@ def targets(t: dict) -> list[str]:
     out.append("- Recipe (`small`) vs teacher on STS-B: " + (
         f"{sts[0]:.2f} points below ({sts[1]} seed(s)); target ≤ 1.0 over 3 seeds: "
         + ("met" if sts[0] <= 1.0 and sts[1] == 3 else "not met" if sts[1] == 3 else "open") if sts else "no runs yet"))
+    for row in CANDIDATES:  # a candidate that meets the STS-B target where the recipe does not, at its own cost
+        g = gap(t, row, "sts-b")
+        if g:
+            steps = sorted(set(t["rows"][row]["sts-b"]["steps"].values()))
+            out.append(f"- Candidate `{row}` vs teacher on STS-B: {g[0]:.2f} points below ({g[1]} seed(s), "
+                       f"{'/'.join(map(str, steps))} steps); ≤ 1.0 over 3 seeds: "
+                       + ("open" if g[1] < 3 else "met" if g[0] <= 1.0 else "not met"))
     gaps = [gap(t, "small", x) for x in TARGET_TASKS]
     if all(gaps):
         mean = statistics.mean(g[0] for g in gaps)
@@ -261,7 +269,7 @@ def targets(t: dict) -> list[str]:
     else:
         out.append(f"- Recipe vs teacher, mean over {', '.join(TARGET_TASKS)}: open (missing: "
                    + ", ".join(x for x, g in zip(TARGET_TASKS, gaps) if not g) + ")")
-    pairs = [(row, "baseline") for row in ("map", "output", "unified", "ti-g", "small")] + [(r, "small") for r in ("small+token", "small+aug", "small+12ep")]
+    pairs = [(row, "baseline") for row in ("map", "output", "unified", "ti-g", "small")] + [(r, "small") for r in CANDIDATES]
     for row, ref in pairs:
         for x in TARGET_TASKS:
             a, b = t["rows"].get(row, {}).get(x), t["rows"].get(ref, {}).get(x)
