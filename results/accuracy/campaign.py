@@ -11,9 +11,9 @@ Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
 tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then the
-recipe's candidates (CANDIDATES) on both tasks' three seeds (SCREENED_OUT: seed 42), and the single-lever ablations on seed 42
-(a screen of the levers before the recipe runs on a long task); then SST-2 (and any other task present): its
-teacher and first tier; then the candidates and ablations on seeds 52 and 62; then SST-2's
+recipe's candidates (CANDIDATES) on both tasks' three seeds (SCREENED_OUT: seed 42 only), and the single-lever
+ablations on seed 42 (a screen of the levers before the recipe runs on a long task); then SST-2 (and any other task
+present): its teacher and first tier; then the rest of the candidates and ablations on seeds 52 and 62; then SST-2's
 other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
 `pooled_form`). A finished run's small files (config, command, metrics, result; no weights) are copied to
 results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
