@@ -242,7 +242,8 @@ def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
                 if r.name in tier or (r.name.startswith("sweep") and "unified" in tier)]
 
     def by_row(group: list[str], rows: tuple[str, ...], seeds: list[int]) -> list[Job]:  # a row's seeds together
-        return [j for task in group for row in rows for seed in seeds for j in block([task], (row,), [seed])]
+        # block's order is task, seed, row; a stable sort on (task, row) keeps the seeds in order within a row
+        return sorted(block(group, rows, seeds), key=lambda j: (group.index(j.task), rows.index(j.row)))
     quick = [t for t in QUICK_TASKS if t in tasks]  # STS-B first: the shortest runs and the recipe's main target
     others = [t for t in tasks if t not in QUICK_TASKS and t not in TEACHER_ONLY_TASKS]
     jobs = [teacher(t) for t in quick + [t for t in tasks if t in TEACHER_ONLY_TASKS]]

@@ -232,7 +232,7 @@ def plot_ti(curves: dict, path: Path) -> None:
 
 
 TARGET_TASKS = ("sts-b", "cola", "sst-2")
-CANDIDATES = ("small+token", "small+aug", "small+12ep")  # the recipe with one more lever (campaign.py)
+CANDIDATES = tuple(r for r in ROWS if r.startswith("small+"))  # the recipe with one more lever (campaign.py)
 
 
 def gap(t: dict, row: str, task: str) -> tuple[float, int] | None:
