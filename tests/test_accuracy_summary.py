@@ -321,9 +321,9 @@ def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablatio
     at = labels.index
     # the recipe's candidates: every seed before the levers' screen, each row's seeds together; a screened-out one on
     # seed 42 first and its other seeds with the ablations
-    assert at("cola/output/s52") < at("sts-b/small+12ep/s42") < at("sts-b/small+12ep/s52") < at("sts-b/small+aug/s42")
-    assert at("sts-b/small+aug/s52") < at("cola/small+12ep/s42") < at("cola/small+12ep/s52") < at("cola/small+aug/s52")
-    assert at("cola/small+aug/s52") < at("sts-b/small+token/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
+    assert at("cola/output/s52") < at("sts-b/small+aug/s42") < at("sts-b/small+aug/s52") < at("sts-b/small+12ep/s42")
+    assert at("sts-b/small+12ep/s52") < at("cola/small+aug/s42") < at("cola/small+aug/s52") < at("cola/small+12ep/s42")
+    assert at("cola/small+12ep/s42") < at("cola/small+12ep/s52") < at("sts-b/small+token/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
     assert at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
     assert at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/small+token/s52") < at("sts-b/map+noclip/s52")
     assert at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
@@ -356,3 +356,23 @@ def test_a_longer_schedule_is_also_read_at_the_shorter_ones_step_count():
     (row,) = [x for x in summarise.equal_cost([long, short]) if x.startswith("| cola")]
     assert row == "| cola | small+12ep vs small | 100 | 30.00 (1 seed) | 25.00 (1 seed) | +5.00 | 60.00 (1 seed) | 3.00× |"
     assert summarise.equal_cost([short]) == []  # no pair, no section
+
+
+def test_two_workers_starting_augmented_runs_of_one_task_write_its_data_once(tmp_path, monkeypatch):
+    import threading
+    import time
+    monkeypatch.setattr(campaign, "REPO", tmp_path)
+    calls = []
+
+    def fake_augment(glue_dir, spec, model_dir, out_dir, seed):
+        calls.append(spec.name)
+        time.sleep(0.2)  # long enough for the other worker to arrive while this one writes
+        (out_dir / spec.folder).mkdir(parents=True, exist_ok=True)
+        (out_dir / spec.folder / "train_aug.tsv").write_text("x\n")
+    monkeypatch.setattr(campaign.utils_glue, "augment_task", fake_augment)
+    workers = [threading.Thread(target=campaign.ensure_augmented, args=("cola",)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert calls == ["cola"]
