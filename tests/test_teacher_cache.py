@@ -154,6 +154,11 @@ def test_budgets_memory_mode_and_bf16_storage(setup, tmp_path, capsys):
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache_dir=str(tmp_path / "c")))
     assert _open(cfg, teacher, data, cache="disk", cache_disk_gb=1e-9) is None  # too large: the live teacher
     assert "running the live teacher" in capsys.readouterr().out
+    full = tc.free_bytes(tmp_path / "c" / "not" / "yet")  # a parent that exists answers
+    with pytest.MonkeyPatch.context() as mp:  # a disk without room for the cache and the margin: the live teacher
+        mp.setattr(tc, "free_bytes", lambda root: tc.DISK_MARGIN)
+        assert _open(cfg, teacher, data, cache="disk") is None
+    assert "GB are free under" in capsys.readouterr().out and not (tmp_path / "c").exists() and full > 0
     mem = _open(cfg, teacher, data, cache="memory")
     assert mem.folder is None and not (tmp_path / "c").exists()  # RAM only, nothing written
     mapped = _open(cfg, teacher, data, cache="memory", cache_memory_gb=1e-9)  # over the RAM budget: memory-mapped

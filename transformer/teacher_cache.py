@@ -301,6 +301,17 @@ def folder_for(root: Path, key: CacheKey, tensors: frozenset[str]) -> Path:
 # Choosing and opening the cache of a run
 
 GB = 1 << 30
+# left free beside a new cache: a memory-mapped cache that fills the disk kills its run (SIGBUS) and the checkpoints
+# of every other run on it
+DISK_MARGIN = 2 * GB
+
+
+def free_bytes(root: Path) -> int:
+    """Free bytes on the filesystem that holds root (or its nearest existing parent: root may not exist yet)."""
+    p = root.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
 
 
 def open_or_build(cfg, teacher: BertForGlue, task: utils_glue.TaskSpec, enc: utils_glue.Encoded, tensors: frozenset[str],
@@ -309,7 +320,8 @@ def open_or_build(cfg, teacher: BertForGlue, task: utils_glue.TaskSpec, enc: uti
 
     auto: disk, except under data.batching=fixed (off). memory: built in RAM for this run when it fits
     cache_memory_gb, else as disk. disk: found or built under cache_dir (shared by every run with the same key),
-    memory-mapped; a cache larger than cache_disk_gb falls back to the live teacher with a note.
+    memory-mapped; a cache larger than cache_disk_gb, or than the free disk less DISK_MARGIN, falls back to
+    the live teacher with a note.
     Several processes (DDP): rank 0 builds on disk, the others wait and map it.
     """
     from transformer.rundir import FolderLock  # rundir sits above the model, like this module
@@ -328,6 +340,11 @@ def open_or_build(cfg, teacher: BertForGlue, task: utils_glue.TaskSpec, enc: uti
     if found is None and size > t.cache_disk_gb * GB:
         print(f"note: the teacher cache would take {size / GB:.1f} GB, more than --teacher.cache_disk_gb "
               f"{t.cache_disk_gb:g}: running the live teacher")
+        return None
+    free = free_bytes(root)
+    if found is None and size + DISK_MARGIN > free:
+        print(f"note: the teacher cache would take {size / GB:.1f} GB and {free / GB:.1f} GB are free under {root} "
+              f"(keeping {DISK_MARGIN / GB:g} GB for checkpoints): running the live teacher")
         return None
     if found is None and dist.is_main:
         folder = folder_for(root, key, tensors)
