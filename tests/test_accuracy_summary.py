@@ -250,6 +250,9 @@ def test_with_a_deadline_the_picker_starts_only_runs_its_estimate_fits_in(tmp_pa
     far = campaign.Picker(lambda: jobs[3:], deadline=time.time() + campaign.UNKNOWN_JOB_S + 60)
     assert far.next().row == "new"  # no history: started only with UNKNOWN_JOB_S left
     assert campaign.Picker(lambda: jobs).next().row == "long"  # no deadline: queue order
+    plan["long"] = (20, 5000)  # ~3.2 h: longer than any session, so it starts in its place and stops at checkpoints
+    assert campaign.Picker(lambda: jobs, deadline=time.time() + 600).next().row == "long"
+    plan["long"] = (20, 1000)
     faster = campaign.Picker(lambda: jobs, deadline=time.time() + 600)
     faster.ratios = [0.5, 0.4, 0.9]  # this machine ran the jobs it finished in half the estimated time
     assert faster.next().row == "dense"  # ~5.6 min now
@@ -323,9 +326,10 @@ def test_other_tasks_get_the_table_rows_only_their_first_tier_before_the_ablatio
     # seed 42 first and its other seeds with the ablations
     assert at("cola/output/s52") < at("sts-b/small+aug/s42") < at("sts-b/small+aug/s52") < at("sts-b/small+12ep/s42")
     assert at("sts-b/small+12ep/s52") < at("cola/small+aug/s42") < at("cola/small+aug/s52") < at("cola/small+12ep/s42")
-    assert at("cola/small+12ep/s42") < at("cola/small+12ep/s52") < at("sts-b/small+token/s42") < at("cola/small+token/s42") < at("sts-b/map+noclip/s42")
-    assert at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sst-2/teacher")
-    assert at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/small+token/s52") < at("sts-b/map+noclip/s52")
+    assert at("cola/small+12ep/s42") < at("cola/small+12ep/s52") < at("sts-b/small+token/s42") < at("cola/small+token/s42")
+    # then SST-2's teacher and first tier (the table's third column), then the levers' seed-42 screen
+    assert at("cola/small+token/s42") < at("sst-2/teacher") < at("sst-2/map/s52") < at("sts-b/map+noclip/s42")
+    assert at("sts-b/map+noclip/s42") < at("cola/map+twostage/s42") < at("sts-b/small+token/s52") < at("sts-b/map+noclip/s52")
     assert at("sts-b/map+noclip/s52") < at("cola/map+twostage/s52") < at("sst-2/ti-g/s42")
     assert len(labels) == len(set(labels))  # no run queued twice
 

@@ -11,9 +11,9 @@ Every run is a launcher call (run_kd_qat_*.sh, run_TI_step_{1,2}.sh, run_kd_qat_
 `--train.threads 1 --train.precision fp32 --train.seed S`, into output/<task>/<default run name>. The queue is
 ordered so the most informative rows finish first: the STS-B, CoLA and RTE teachers, then STS-B and CoLA tier by
 tier (TIERS: baseline, recipe and map; TI-G; output and the unified γ sweep), each for seeds 42, 52, 62; then the
-recipe's candidates (CANDIDATES) on both tasks' three seeds (SCREENED_OUT: seed 42 only), and the single-lever
-ablations on seed 42 (a screen of the levers before the recipe runs on a long task); then SST-2 (and any other task
-present): its teacher and first tier; then the rest of the candidates and ablations on seeds 52 and 62; then SST-2's
+recipe's candidates (CANDIDATES) on both tasks' three seeds (SCREENED_OUT: seed 42 only), which settle the recipe
+before SST-2 uses it; then SST-2 (and any other task present): its teacher and first tier; then the single-lever
+ablations on seed 42 (a screen); then the rest of the candidates and ablations on seeds 52 and 62; then SST-2's
 other rows (no sweep of its own: its unified form is the one the STS-B and CoLA sweeps agree on best,
 `pooled_form`). A finished run's small files (config, command, metrics, result; no weights) are copied to
 results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py reads. Rerun this script to
@@ -237,9 +237,9 @@ AUG_DIR = Path("data") / "glue_aug"
 
 def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
     """The teachers; the quick tasks' (STS-B, CoLA) table rows tier by tier, each tier seed by seed; the recipe's
-    candidates on every seed (a screened-out one on the first); the map levers on the first seed (a screen); every
-    other task's teacher and first tier (SST-2: 6,315 steps a run, 12× STS-B's; the recipe's three-task target needs it); the
-    candidates and levers on the other seeds; then the other tasks' remaining rows."""
+    candidates on every seed (a screened-out one on the first); every other task's teacher and first tier (SST-2:
+    6,315 steps a run, 12× STS-B's; the table and the recipe's three-task target need it); the map levers on the
+    first seed (a screen); the candidates and levers on the other seeds; then the other tasks' remaining rows."""
     def teacher(t):
         return Job(t, "teacher", None, (("quant_task_glue.py", t, "--teacher-only"),))
 
@@ -257,8 +257,7 @@ def queue(tasks: list[str], seeds: list[int]) -> list[Job]:
         jobs += block(quick, tier)
     kept = tuple(r for r in CANDIDATES if r not in SCREENED_OUT)
     first = by_row(quick, kept, seeds) + by_row(quick, SCREENED_OUT, seeds[:1])
-    jobs += first + block(quick, LEVER_ROWS, seeds[:1])
-    jobs += [teacher(t) for t in others] + block(others, TIERS[0])
+    jobs += first + [teacher(t) for t in others] + block(others, TIERS[0]) + block(quick, LEVER_ROWS, seeds[:1])
     jobs += [j for j in by_row(quick, CANDIDATES, seeds[1:]) if j not in first] + block(quick, LEVER_ROWS, seeds[1:])
     for tier in TIERS[1:]:
         jobs += block(others, tier)
@@ -294,6 +293,10 @@ MARGIN = 1.15
 # A job without history (a new task's teacher or first runs) is taken to need this long: SST-2's are 12× STS-B's
 # steps, so one is not preferred near the deadline over a run that can finish
 UNKNOWN_JOB_S = 2 * 3600.0
+# A run expected to take longer than this (a session's time for runs, after set-up and the closing checks) fits no
+# session's deadline: waiting for an emptier session gains nothing, so it starts in its place in the queue and
+# deadlines stop it at checkpoints (SST-2's recipe: ~3 h). Without this it would start only once nothing else fits.
+SESSION_S = 150 * 60.0
 
 
 @functools.cache
@@ -598,7 +601,8 @@ class Interrupted(Exception):
 class Picker:
     """Hands each worker the first job of a freshly built queue that is neither finished nor taken, so rows added
     while the campaign runs (a new launcher, e.g. run_kd_qat_small.sh) join it in their place. With a deadline, a job
-    whose estimate ends after it is passed over for a later, shorter one; a job without history counts as
+    whose estimate ends after it is passed over for a later, shorter one, unless it is a run longer than any session
+    (SESSION_S), which no deadline would ever fit; a job without history counts as
     UNKNOWN_JOB_S (its wall time becomes the history); when no job fits, the first one starts anyway, and the deadline
     stops it at a checkpoint (`stop_at_deadline`). The estimate is `estimate_s` (a resumed run: its remaining steps)
     times this machine's speed relative to the history (the median ratio of wall time to estimate over the jobs this
@@ -617,7 +621,7 @@ class Picker:
             return True
         est = self.expected_s(job)
         est = UNKNOWN_JOB_S if est is None else est
-        if time.time() + est <= self.deadline:
+        if time.time() + est <= self.deadline or (job.row != "teacher" and est > SESSION_S):  # a teacher: no checkpoint
             return True
         if job.label not in self.too_long:
             self.too_long.add(job.label)
