@@ -83,7 +83,8 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     t = {"teacher": {"sts-b": 84.5, "cola": 26.4},
          "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
                   "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])},
-                  "small+token": {"sts-b": cell([84.5, 83.0])}, "small+12ep": {"sts-b": cell([83.0, 83.5, 83.8], 2160)}}}
+                  "small+token": {"sts-b": cell([84.5, 83.0])}, "small+12ep": {"sts-b": cell([83.0, 83.5, 83.8], 2160)},
+                  "map+noclip": {"sts-b": cell([80.5])}}}
     text = "\n".join(summarise.targets(t))
     assert "`small+token` vs teacher on STS-B: 0.75 points below (2 seed(s), 540 steps); ≤ 1.0 over 3 seeds: open" in text
     assert "`small+12ep` vs teacher on STS-B: 1.07 points below (3 seed(s), 2160 steps); ≤ 1.0 over 3 seeds: not met" in text
@@ -92,6 +93,7 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     assert "map − baseline on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +1.00, -0.50" in text
     assert "small − baseline on sts-b: +6.00" in text
     assert "small+token − small on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +0.50, +0.00" in text
+    assert "map+noclip − map on sts-b: +1.50 points over 1 paired seed(s), per-seed differences +1.50" in text
 
 
 def test_queue_runs_teachers_then_tier_by_tier_each_over_every_seed(tmp_path, monkeypatch):
