@@ -341,8 +341,7 @@ def open_or_build(cfg, teacher: BertForGlue, task: utils_glue.TaskSpec, enc: uti
         print(f"note: the teacher cache would take {size / GB:.1f} GB, more than --teacher.cache_disk_gb "
               f"{t.cache_disk_gb:g}: running the live teacher")
         return None
-    free = free_bytes(root)
-    if found is None and size + DISK_MARGIN > free:
+    if found is None and size + DISK_MARGIN > (free := free_bytes(root)):  # a found cache needs no room
         print(f"note: the teacher cache would take {size / GB:.1f} GB and {free / GB:.1f} GB are free under {root} "
               f"(keeping {DISK_MARGIN / GB:g} GB for checkpoints): running the live teacher")
         return None
