@@ -382,3 +382,15 @@ def test_two_workers_starting_augmented_runs_of_one_task_write_its_data_once(tmp
     for w in workers:
         w.join()
     assert calls == ["cola"]
+
+
+def test_the_recipes_gain_over_map_is_set_against_the_sum_of_its_levers_gains():
+    cell = lambda *best: {"best": dict(zip((42, 52, 62), best))}
+    t = {"rows": {"map": {"cola": cell(20.0, 21.0, 19.0)}, "small": {"cola": cell(26.0, 25.0)},
+                  "map+noclip": {"cola": cell(21.0, 20.0, 19.5)}, "map+emb8": {"cola": cell(19.0, 22.0)},
+                  "map+long": {"cola": cell(23.0, 24.0)}, "baseline": {"sts-b": cell(77.0)}}}
+    # seeds 42 and 52: noclip +1, -1; emb8 -1, +1; long +3, +3; sum +3, +3; recipe +6, +4
+    (row,) = [x for x in summarise.additivity(t) if x.startswith("| cola")]
+    assert row == "| cola | 42, 52 | +0.00 | +0.00 | +3.00 | +3.00 | +5.00 | +3.00, +1.00 |"
+    del t["rows"]["map+long"]
+    assert summarise.additivity(t) == []  # a lever missing: no section
