@@ -192,13 +192,14 @@ def test_a_campaign_started_in_the_background_passes_ctrl_c_on_to_its_runs():
     assert out.split() == ["False", "True"]  # ignored before, the default (KeyboardInterrupt) after
 
 
-def test_table_lists_each_steps_command_without_the_checkouts_path(monkeypatch, tmp_path):
+def test_table_lists_each_steps_command_once_without_the_checkouts_path(monkeypatch, tmp_path):
     monkeypatch.setattr(summarise, "HERE", tmp_path)  # no committed teachers in the table
     runs = []
     for seed in (52, 42):
         for call in (1, 2):
             r = _run("cola", "ti-g", seed, {20: 0.1, 40: 0.2}, call=call, calls=2)
-            r["command"] = f"{summarise.REPO}/.venv/bin/python quant_task_glue.py cola --ti.step {call} --train.seed {seed}"
+            cmd = f"{summarise.REPO}/.venv/bin/python quant_task_glue.py cola --ti.step {call} --train.seed {seed}"
+            r["command"] = cmd + (f"\n# resumed at step 20: {cmd}" if call == 2 else "")  # as rundir.py appends it
             runs.append(r)
     t, _ = summarise.table(runs)
     assert t["rows"]["ti-g"]["cola"]["commands"] == [

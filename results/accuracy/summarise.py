@@ -113,7 +113,8 @@ def table(runs: list[dict]) -> tuple[dict, list[str]]:
         key, w = (r["task"], r["row"], r["seed"]), r["result"].get("wall_s")  # None: resumed from an older checkpoint
         wall[key] = None if w is None or wall[key] is None else wall[key] + w
         steps[(r["task"], r["row"], r["seed"])] += r["result"]["steps"]
-        commands[(r["task"], r["row"], r["seed"])][r["call"]] = relative(r["command"])
+        # the first line: a resumed run appends "# resumed at step N: <the same command>" (rundir.py)
+        commands[(r["task"], r["row"], r["seed"])][r["call"]] = relative((r["command"].splitlines() or [""])[0])
         if r["call"] == r["calls"]:
             by[(r["task"], r["row"])][r["seed"]] = r
     tasks = sorted({t for t, _ in by}, key=TASK_ORDER.index)
@@ -408,7 +409,8 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
                 c = t["rows"][row].get(x)
                 cells.append("–" if c is None else " / ".join(f"{c[k][s]:.2f}" for s in c["best"] for k in ("best", "final")))
             lines.append("| " + " | ".join(sweep_form(row)) + " | " + " | ".join(cells) + " |")
-    lines += ["", "## Rows and commands (the lowest seed shown; the others differ only in the seed)", ""]
+    lines += ["", "## Rows and commands (the lowest seed shown; the others differ only in the seed; a resumed run "
+              "reran the same command, as its `command.txt` records)", ""]
     for row in ROWS:
         if row in t["rows"]:
             lines.append(f"- **{row}**: {ROW_TITLES[row]}")
