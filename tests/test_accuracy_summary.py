@@ -94,6 +94,11 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     assert "small − baseline on sts-b: +6.00" in text
     assert "small+token − small on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +0.50, +0.00" in text
     assert "map+noclip − map on sts-b: +1.50 points over 1 paired seed(s), per-seed differences +1.50" in text
+    t["teacher"]["sst-2"], t["rows"]["small"]["sst-2"] = 88.0, cell([91.0, 92.0, 90.0])  # students above
+    t["rows"]["small"]["cola"] = cell([26.0, 25.8, 25.6])
+    text = "\n".join(summarise.targets(t))
+    assert ("mean over sts-b, cola, sst-2: 0.47 points above (sts-b 1.00 points below, cola 0.60 points below, sst-2 "
+            "3.00 points above); target ≤ 1.5 below: met") in text
 
 
 def test_queue_runs_teachers_then_tier_by_tier_each_over_every_seed(tmp_path, monkeypatch):
