@@ -400,3 +400,23 @@ def test_the_recipes_gain_over_map_is_set_against_the_sum_of_its_levers_gains():
     assert row == "| cola | 42, 52 | +0.00 | +0.00 | +3.00 | +3.00 | +5.00 | +3.00, +1.00 |"
     del t["rows"]["map+long"]
     assert summarise.additivity(t) == []  # a lever missing: no section
+
+
+
+def _flag_pairs(args: list[str]) -> list[tuple[str, ...]]:
+    """Command-line words as sorted (flag,) / (flag, value) tuples."""
+    return sorted(tuple(args[i:i + 2]) if i + 1 < len(args) and not args[i + 1].startswith("--") else (args[i],)
+                  for i in range(len(args)) if args[i].startswith("--"))
+
+
+def _launcher_args(script: str) -> list[str]:
+    """The fixed words a launcher passes to quant_task_glue.py (its exec line, continuation lines joined, no "$@")."""
+    import shlex
+    text = (REPO / script).read_text().replace("\\\n", " ")
+    exec_line = text.split("\nexec ", 1)[1].split("\n", 1)[0]
+    return shlex.split(exec_line.split("quant_task_glue.py", 1)[1].replace('"$@"', ""))
+
+
+def test_the_recipe_launcher_is_the_map_launcher_plus_exactly_the_levers_the_additivity_section_names():
+    levers = [a for r in summarise.RECIPE_LEVERS for a in campaign.LEVERS[r.removeprefix("map+")]]
+    assert _flag_pairs(_launcher_args("run_kd_qat_small.sh")) == _flag_pairs(_launcher_args("run_kd_qat_map.sh") + levers)
