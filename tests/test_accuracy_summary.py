@@ -420,3 +420,30 @@ def _launcher_args(script: str) -> list[str]:
 def test_the_recipe_launcher_is_the_map_launcher_plus_exactly_the_levers_the_additivity_section_names():
     levers = [a for r in summarise.RECIPE_LEVERS for a in campaign.LEVERS[r.removeprefix("map+")]]
     assert _flag_pairs(_launcher_args("run_kd_qat_small.sh")) == _flag_pairs(_launcher_args("run_kd_qat_map.sh") + levers)
+
+
+def test_code_versions_name_each_sessions_commit_and_the_files_that_made_it_dirty():
+    start = "abc-dirty\n  changed: results/accuracy/README.md\n"
+    resumed = start + "# resumed at step 40: def\n"
+    assert summarise.code_versions(resumed) == [{"sha": "abc-dirty", "changed": ["results/accuracy/README.md"]},
+                                                {"sha": "def", "changed": []}]
+    runs = [{"versions": summarise.code_versions(text)} for text in
+            (resumed, "abc-dirty\n  changed: transformer/quant.py, results/accuracy/README.md\n", "old-dirty\n", "def\n")]
+    line = summarise.code_version_lines(runs)[0]
+    assert line.endswith(": `abc-dirty` (changed: results/accuracy/README.md, transformer/quant.py), `def`, "
+                         "`old-dirty` (changes not recorded)")
+
+
+def test_a_run_records_its_code_version_at_the_start_and_at_each_resume(tmp_path, monkeypatch):
+    from transformer import rundir
+    from transformer.config import RunConfig
+    monkeypatch.setattr(rundir, "git_sha", lambda: "abc-dirty")
+    monkeypatch.setattr(rundir, "git_changes", lambda: ["results/x.md"])
+    cfg = RunConfig()
+    cfg.train.tensorboard = False
+    rundir.RunDir(tmp_path, cfg, ["train"]).close()
+    monkeypatch.setattr(rundir, "git_sha", lambda: "def")
+    monkeypatch.setattr(rundir, "git_changes", lambda: [])
+    rundir.RunDir(tmp_path, cfg, ["train"], resume_step=5).close()
+    assert (tmp_path / "git_sha.txt").read_text() == "abc-dirty\n  changed: results/x.md\n# resumed at step 5: def\n"
+    assert summarise.code_versions((tmp_path / "git_sha.txt").read_text())[1] == {"sha": "def", "changed": []}

@@ -23,13 +23,31 @@ class RunError(RuntimeError):
     """A run folder or training problem the user must act on; the message is one line."""
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def git_changes() -> list[str]:
+    """The tracked files that differ from HEAD (what "-dirty" in git_sha() stands for), as `git status` paths."""
+    try:
+        return [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return []
+
+
 def git_sha() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        sha = _git("rev-parse", "HEAD").strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("-dirty" if git_changes() else "")
+
+
+def code_version() -> str:
+    """A git_sha.txt entry: git_sha() and, when dirty, a second line "  changed: <paths>" (a results/ file edited
+    while a campaign runs leaves the code as committed; an edited .py does not)."""
+    changes = git_changes()
+    return git_sha() + (f"\n  changed: {', '.join(changes)}" if changes else "")
 
 
 def write_json(path: Path, obj) -> None:
@@ -187,13 +205,15 @@ class RunDir:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             write_json(path / "run_config.json", cfg.to_dict())
             (path / "command.txt").write_text(" ".join(command) + "\n")
-            (path / "git_sha.txt").write_text(git_sha() + "\n")
+            (path / "git_sha.txt").write_text(code_version() + "\n")
         else:
             log = path / "metrics.jsonl"
             kept = [l for l in log.read_text().splitlines() if json.loads(l)["step"] <= resume_step] if log.exists() else []
             log.write_text("".join(l + "\n" for l in kept))
             with open(path / "command.txt", "a") as f:
                 f.write(f"# resumed at step {resume_step}: " + " ".join(command) + "\n")
+            with open(path / "git_sha.txt", "a") as f:  # a later session's code runs the rest of the steps
+                f.write(f"# resumed at step {resume_step}: {code_version()}\n")
         self._jsonl = open(path / "metrics.jsonl", "a")
         self._tb = None
         if cfg.train.tensorboard:

@@ -54,6 +54,36 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
 TASK_ORDER = ("sts-b", "cola", "sst-2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
 
 
+def code_versions(text: str) -> list[dict]:
+    """A run's git_sha.txt (rundir.code_version at its start and at each resume) as [{"sha", "changed"}]: changed is
+    the tracked files that differed from the commit, [] for a clean one, None where a dirty run did not record them."""
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("  changed: "):
+            entries[-1]["changed"] = line.removeprefix("  changed: ").split(", ")
+        elif line.strip():
+            sha = line.split(": ", 1)[1] if line.startswith("# resumed") else line.strip()
+            entries.append({"sha": sha, "changed": None if sha.endswith("-dirty") else []})
+    return entries
+
+
+def code_version_lines(runs: list[dict]) -> list[str]:
+    """Each commit the runs were made at, a dirty one with the files that differed (over all its runs)."""
+    changed: dict[str, set | None] = {}
+    for v in (v for r in runs for v in r["versions"]):
+        known = changed.get(v["sha"], set())
+        changed[v["sha"]] = None if known is None or v["changed"] is None else known | set(v["changed"])
+    def describe(sha):
+        if not sha.endswith("-dirty"):
+            return f"`{sha}`"
+        files = changed[sha]
+        return f"`{sha}` (changed: {', '.join(sorted(files))})" if files is not None else f"`{sha}` (changes not recorded)"
+    return ["Runs were made at commit(s): " + ", ".join(map(describe, sorted(changed))),
+            "", "`-dirty`: tracked files differed from the commit when the run started or resumed. Newer runs also "
+            "record the commit of each resume and name the files behind `-dirty` (a results/ file written while the "
+            "campaign runs leaves the code as committed); older runs recorded only the start's commit and marker."]
+
+
 def load_runs() -> list[dict]:
     runs = []
     for camp in sorted((HERE / "runs").glob("*/*/campaign.json")):
@@ -65,7 +95,7 @@ def load_runs() -> list[dict]:
              "command": (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else "",
              "teacher_dev": json.loads((d / "teacher_eval.json").read_text())["dev"]
              if (d / "teacher_eval.json").is_file() else None,
-             "sha": (d / "git_sha.txt").read_text().strip() if (d / "git_sha.txt").is_file() else "unknown"}
+             "versions": code_versions((d / "git_sha.txt").read_text() if (d / "git_sha.txt").is_file() else "unknown")}
         for row in info.get("rows") or [info["row"]]:  # a γ-sweep run can also be the unified row
             runs.append({**r, "row": row})
     return runs
@@ -368,7 +398,7 @@ def sweep_form(row: str) -> tuple[str, str]:
     return m, o
 
 
-def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precisions: set[str],
+def write_readme(t: dict, tasks: list[str], curves: dict, code_versions_text: list[str], precisions: set[str],
                  dense: set[str] = frozenset(), agreement: list[str] = (), cost: list[str] = ()) -> str:
     lines = ["# Accuracy: W2A8 MiniLM students on GLUE dev, mean ± std over seeds", "",
              "> Written by `results/accuracy/summarise.py` from `results/accuracy/runs/` (made by "
@@ -453,7 +483,7 @@ def write_readme(t: dict, tasks: list[str], curves: dict, shas: set[str], precis
             lines += ["", *(steps_line(curves, suffix) for suffix in ("", "_smoothed")),
                       "", "Published: ~12.5× fewer fine-tuning hours (BERT-base, CoLA).",
                       "", "![CoLA TI curves](cola_ti_curves.png)"]
-    lines += ["", "## Code version", "", "Runs were made at commit(s): " + ", ".join(f"`{s}`" for s in sorted(shas)), ""]
+    lines += ["", "## Code version", "", *code_versions_text, ""]
     return "\n".join(lines)
 
 
@@ -472,7 +502,7 @@ def main() -> int:
                                                 indent=1, default=str) + "\n")
     dense = {f"{r['task']} {r['row']} (every {r['config']['train']['eval_every']} steps)" for r in runs
              if r["config"]["train"]["eval_every"] != TASK_DEFAULTS[r["task"]].eval_every}
-    (HERE / "README.md").write_text(write_readme(t, tasks, curves, {r["sha"] for r in runs},
+    (HERE / "README.md").write_text(write_readme(t, tasks, curves, code_version_lines(runs),
                                                  {r["config"]["train"]["precision"] for r in runs}, dense,
                                                  teacher_agreement(runs), equal_cost(runs)))
     print((HERE / "README.md").read_text())
