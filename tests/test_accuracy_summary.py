@@ -2,7 +2,10 @@
 steps-to-baseline count, on hand-made evaluation logs."""
 import importlib.util
 import math
+
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -447,3 +450,50 @@ def test_a_run_records_its_code_version_at_the_start_and_at_each_resume(tmp_path
     rundir.RunDir(tmp_path, cfg, ["train"], resume_step=5).close()
     assert (tmp_path / "git_sha.txt").read_text() == "abc-dirty\n  changed: results/x.md\n# resumed at step 5: def\n"
     assert summarise.code_versions((tmp_path / "git_sha.txt").read_text())[1] == {"sha": "def", "changed": []}
+
+
+@pytest.mark.parametrize("to", ["campaign", "group"])
+def test_ctrl_c_to_the_campaign_or_its_group_stops_each_run_once_at_a_checkpoint(tmp_path, to):
+    """`kill -INT` to the campaign alone, or a Ctrl-C to its whole process group: either way each run gets exactly one
+    SIGINT (two would stop it without a checkpoint), the campaign waits for it and exits with 130, leaving no run."""
+    import os
+    import signal
+    import subprocess
+    import time
+    run = ("import os, signal, sys, time\n"
+           "signal.signal(signal.SIGINT, lambda *a: (print('checkpoint', flush=True), sys.exit(130)))\n"
+           "print('training', os.getpid(), flush=True)\ntime.sleep(120)\n")
+    code = (f"import importlib.util, sys\nfrom pathlib import Path\n"
+            f"spec = importlib.util.spec_from_file_location('campaign', {str(_cspec.origin)!r})\n"
+            f"campaign = importlib.util.module_from_spec(spec); sys.modules['campaign'] = campaign\n"
+            f"spec.loader.exec_module(campaign)\n"
+            f"tmp = Path({str(tmp_path)!r})\n"
+            f"campaign.HERE = tmp / 'acc'\n"
+            f"campaign.folder_of = lambda call, seed: tmp / 'out' / f'{{call[0]}}-s{{seed}}'\n"
+            f"campaign.launcher_cmd = lambda call, seed: [sys.executable, '-c', {run!r}]\n"
+            f"campaign.estimate_s = lambda job: 60.0\n"
+            f"campaign.interruptible()\n"
+            f"jobs = [campaign.Job('sts-b', r, 42, ((f'run_kd_qat_{{r}}.sh', 'sts-b'),)) for r in ('map', 'output')]\n"
+            f"picker = campaign.Picker(lambda: jobs)\n"
+            f"campaign.run_workers(picker, tmp, 1)\n"
+            f"print('stopped' if picker.stopped else 'finished', *sorted(picker.taken), flush=True)\n")
+    camp = subprocess.Popen([sys.executable, "-c", code], cwd=str(REPO), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, so killpg spares pytest
+    log = tmp_path / "sts-b_map_s42_1.log"
+    t0 = time.time()
+    while "training" not in (log.read_text() if log.is_file() else "") and time.time() - t0 < 60:
+        time.sleep(0.05)
+    pid = int(log.read_text().split()[1])
+    os.kill(camp.pid, signal.SIGINT) if to == "campaign" else os.killpg(camp.pid, signal.SIGINT)
+    try:
+        out = camp.communicate(timeout=60)[0]
+        assert out.split()[-2:] == ["stopped", "sts-b/map/s42"]  # the second job never started
+        assert log.read_text().split() == ["training", str(pid), "checkpoint"]
+    finally:
+        camp.kill()
+        try:
+            os.kill(pid, signal.SIGKILL)  # a run left behind: the failure the test guards against
+            left = True
+        except ProcessLookupError:
+            left = False
+    assert not left

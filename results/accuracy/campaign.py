@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,7 +444,10 @@ def run_job(job: Job, logs: Path) -> bool:
         say(f"start {job.label} ({i + 1}/{len(job.calls)}): {' '.join(cmd)}")
         t0 = time.time()
         with open(log, "w") as f:
-            r = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHON": PYTHON})
+            # its own process group: a Ctrl-C to the campaign's group, or `kill -INT` to the campaign alone, reaches
+            # each run once, through stop_runs (two would stop it at once, without a checkpoint)
+            r = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHON": PYTHON},
+                                 start_new_session=True)
             with live_lock:
                 live.add(r)
             try:
@@ -453,7 +455,7 @@ def run_job(job: Job, logs: Path) -> bool:
             finally:
                 with live_lock:
                     live.discard(r)
-        if r.returncode == 130:  # interrupted (Ctrl-C reaches the whole process group): its checkpoint is kept
+        if r.returncode in (130, -signal.SIGINT):  # interrupted (stop_runs): a run's checkpoint is kept
             raise Interrupted(job.label)
         if r.returncode != 0:
             say(f"FAILED {job.label} (exit {r.returncode}); log: {log}")
@@ -513,7 +515,7 @@ def keep_call(job: Job, index: int, folder: Path) -> None:
 def interruptible() -> None:
     """Take SIGINT as KeyboardInterrupt again. Started in the background (`nohup ... &`), the shell hands us SIGINT
     ignored, and an ignored signal stays ignored in every child: kill -INT would stop neither the campaign nor a
-    teacher fine-tune. A handler is reset to the default in each child, so the whole process group stops again."""
+    teacher fine-tune. A handler is reset to the default in each child, so the runs take stop_runs' SIGINT again."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -561,10 +563,9 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     first = [j for j in jobs if j.row == "teacher" and j.task in (*QUICK_TASKS, *TEACHER_ONLY_TASKS)
              and teacher_needed(j.task, jobs)]
-    try:
-        with ThreadPoolExecutor(args.jobs) as pool:  # those teachers first, so two runs of a task never wait on one
-            ok = all(list(pool.map(lambda j: run_job(j, logs), first)))
-    except (KeyboardInterrupt, Interrupted):  # a teacher has no checkpoint: rerunning makes it afresh
+    teachers = Picker(lambda: first)  # those teachers first, so two runs of a task never wait on one
+    run_workers(teachers, logs, args.jobs)
+    if teachers.stopped:  # a teacher has no checkpoint: rerunning makes it afresh
         say("interrupted while making the teachers: rerun the campaign to continue")
         return 130
 
@@ -576,20 +577,12 @@ def main() -> int:
     if timer is not None:
         timer.daemon = True
         timer.start()
-    workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(args.jobs)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        while w.is_alive():
-            try:
-                w.join()
-            except KeyboardInterrupt:  # the runs got it too and stop at a checkpoint; wait for them
-                picker.stopped = True
+    run_workers(picker, logs, args.jobs)
     if timer is not None:
         timer.cancel()
     if picker.stopped:
         return 130
-    ok = ok and not picker.failed
+    ok = not teachers.failed and not picker.failed
     say("campaign finished" if ok else f"campaign finished; failed: {', '.join(picker.failed)} (rerun to retry)")
     return 0 if ok else 1
 
@@ -680,6 +673,23 @@ class Picker:
             except Interrupted:
                 self.stopped = True
                 say(f"interrupted in {job.label}: rerun the campaign to resume it")
+
+
+def run_workers(picker: Picker, logs: Path, n: int) -> None:
+    """n workers run the picker's jobs until none is left or it is stopped. A Ctrl-C stops the picker and is passed
+    on to the runs (in their own process groups, see run_job): each stops after its step with a checkpoint; a second
+    Ctrl-C stops them at once."""
+    workers = [threading.Thread(target=picker.work, args=(logs,)) for _ in range(n)]
+    for w in workers:
+        w.start()
+    while any(w.is_alive() for w in workers):
+        try:
+            # not Thread.join(): Python 3.11 takes a KeyboardInterrupt inside join() as the thread's end (it releases
+            # the thread's state lock), so the campaign would exit and leave its runs going
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            picker.stopped = True
+            say(f"Ctrl-C: stopping {stop_runs()} run(s) at a checkpoint (a second Ctrl-C stops them at once)")
 
 
 def keep_finished(job: Job) -> None:
