@@ -497,3 +497,19 @@ def test_ctrl_c_to_the_campaign_or_its_group_stops_each_run_once_at_a_checkpoint
         except ProcessLookupError:
             left = False
     assert not left
+
+
+def test_an_error_in_the_campaign_itself_fails_that_job_and_the_next_one_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "HERE", tmp_path / "acc")
+    monkeypatch.setattr(campaign, "folder_of", lambda call, seed: tmp_path / "out" / f"{call[0]}-s{seed}")
+    def estimate(job):
+        if job.row == "map":
+            raise ValueError("a malformed metrics line")
+        return 60.0
+    monkeypatch.setattr(campaign, "estimate_s", estimate)
+    monkeypatch.setattr(campaign, "launcher_cmd", lambda call, seed: [sys.executable, "-c", "print('trained')"])
+    jobs = [campaign.Job("sts-b", row, 42, ((f"run_kd_qat_{row}.sh", "sts-b"),)) for row in ("map", "output")]
+    picker = campaign.Picker(lambda: jobs)
+    picker.work(tmp_path)
+    assert picker.failed == ["sts-b/map/s42"] and not picker.stopped
+    assert (tmp_path / "sts-b_output_s42_1.log").read_text() == "trained\n"

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -673,6 +674,9 @@ class Picker:
             except Interrupted:
                 self.stopped = True
                 say(f"interrupted in {job.label}: rerun the campaign to resume it")
+            except Exception:  # a bug or an I/O error in the campaign itself: that job failed, the next one starts
+                self.failed.append(job.label)
+                say(f"FAILED {job.label} in the campaign:\n{traceback.format_exc()}")
 
 
 def run_workers(picker: Picker, logs: Path, n: int) -> None:
