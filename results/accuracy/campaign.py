@@ -583,9 +583,9 @@ def main() -> int:
         timer.cancel()
     if picker.stopped:
         return 130
-    ok = not teachers.failed and not picker.failed
-    say("campaign finished" if ok else f"campaign finished; failed: {', '.join(picker.failed)} (rerun to retry)")
-    return 0 if ok else 1
+    failed = teachers.failed + picker.failed
+    say(f"campaign finished; failed: {', '.join(failed)} (rerun to retry)" if failed else "campaign finished")
+    return 1 if failed else 0
 
 
 class Interrupted(Exception):
