@@ -43,11 +43,28 @@ def git_sha() -> str:
     return sha + ("-dirty" if git_changes() else "")
 
 
+CHANGED = "  changed: "  # git_sha.txt: the line after a dirty sha
+RESUMED = "# resumed at step "  # git_sha.txt and command.txt: a resume's entry
+
+
 def code_version() -> str:
     """A git_sha.txt entry: git_sha() and, when dirty, a second line "  changed: <paths>" (a results/ file edited
     while a campaign runs leaves the code as committed; an edited .py does not)."""
     changes = git_changes()
-    return git_sha() + (f"\n  changed: {', '.join(changes)}" if changes else "")
+    return git_sha() + (f"\n{CHANGED}{', '.join(changes)}" if changes else "")
+
+
+def code_versions(text: str) -> list[dict]:
+    """A run's git_sha.txt (code_version at its start and at each resume) as [{"sha", "changed"}]: changed is the
+    tracked files that differed from the commit, [] for a clean one, None where a dirty run did not record them."""
+    entries = []
+    for line in text.splitlines():
+        if line.startswith(CHANGED):
+            entries[-1]["changed"] = line.removeprefix(CHANGED).split(", ")
+        elif line.strip():
+            sha = line.split(": ", 1)[1] if line.startswith(RESUMED) else line.strip()
+            entries.append({"sha": sha, "changed": None if sha.endswith("-dirty") else []})
+    return entries
 
 
 def write_json(path: Path, obj) -> None:
@@ -211,9 +228,9 @@ class RunDir:
             kept = [l for l in log.read_text().splitlines() if json.loads(l)["step"] <= resume_step] if log.exists() else []
             log.write_text("".join(l + "\n" for l in kept))
             with open(path / "command.txt", "a") as f:
-                f.write(f"# resumed at step {resume_step}: " + " ".join(command) + "\n")
+                f.write(f"{RESUMED}{resume_step}: " + " ".join(command) + "\n")
             with open(path / "git_sha.txt", "a") as f:  # a later session's code runs the rest of the steps
-                f.write(f"# resumed at step {resume_step}: {code_version()}\n")
+                f.write(f"{RESUMED}{resume_step}: {code_version()}\n")
         self._jsonl = open(path / "metrics.jsonl", "a")
         self._tb = None
         if cfg.train.tensorboard:

@@ -22,6 +22,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 import utils_glue  # noqa: E402
 from transformer.config import TASK_DEFAULTS  # noqa: E402
+from transformer.rundir import code_versions  # noqa: E402
 
 ROWS = ("baseline", "map", "output", "unified", "ti-g", "small", "small+token", "small+aug", "small+12ep",
         "map+noclip", "map+pact", "map+emb8", "map+long", "map+6ep", "map+lr5e-5", "map+token", "map+aug",
@@ -52,19 +53,6 @@ ROW_TITLES = {"baseline": "TernaryBERT baseline (pred + rep + attn_score)", "map
               "map+twostage": "map in two stages (--distill.schedule two_step): encoder with rep + attn_map, then "
                               "the head with pred for the last 25% of the steps; read from stage 2"}
 TASK_ORDER = ("sts-b", "cola", "sst-2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
-
-
-def code_versions(text: str) -> list[dict]:
-    """A run's git_sha.txt (rundir.code_version at its start and at each resume) as [{"sha", "changed"}]: changed is
-    the tracked files that differed from the commit, [] for a clean one, None where a dirty run did not record them."""
-    entries = []
-    for line in text.splitlines():
-        if line.startswith("  changed: "):
-            entries[-1]["changed"] = line.removeprefix("  changed: ").split(", ")
-        elif line.strip():
-            sha = line.split(": ", 1)[1] if line.startswith("# resumed") else line.strip()
-            entries.append({"sha": sha, "changed": None if sha.endswith("-dirty") else []})
-    return entries
 
 
 def code_version_lines(runs: list[dict]) -> list[str]:
