@@ -20,6 +20,11 @@ results/accuracy/runs/<task>/<run name>/, which results/accuracy/summarise.py re
 continue; a run folder another live process holds is left to it. A run whose committed copy is there counts as
 finished on any machine (a fresh one has no output/), and a task's teacher (models/ is not committed either) is made
 only while the task has unfinished runs or, for a teacher-only task, no committed dev score.
+
+Memory: a run reads its teacher's tensors from a memory-mapped disk cache (cache/teacher/, one per tensor set). SST-2's
+are large: 14 GB for baseline or map (hidden states + scores or probabilities), 22 GB with attention outputs (output,
+TI). On a 24 GiB machine two SST-2 runs at once (--jobs 2, or two campaigns) evict each other's pages and both ran ~4x
+slower (48% I/O wait, measured 2026-12-07); give SST-2 one job, beside STS-B or CoLA (1-3 GB caches).
 """
 from __future__ import annotations
 
