@@ -87,7 +87,8 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
          "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
                   "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])},
                   "small+token": {"sts-b": cell([84.5, 83.0])}, "small+12ep": {"sts-b": cell([83.0, 83.5, 83.8], 2160)},
-                  "map+noclip": {"sts-b": cell([80.5])}}}
+                  "map+noclip": {"sts-b": cell([80.5])}, "map+long": {"sts-b": cell([82.0, 81.0], 1080)},
+                  "map+aug": {"sts-b": cell([82.5, 80.0], 1080)}}}
     text = "\n".join(summarise.targets(t))
     assert "`small+token` vs teacher on STS-B: 0.75 points below (2 seed(s), 540 steps); ≤ 1.0 over 3 seeds: open" in text
     assert "`small+12ep` vs teacher on STS-B: 1.07 points below (3 seed(s), 2160 steps); ≤ 1.0 over 3 seeds: not met" in text
@@ -97,6 +98,7 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     assert "small − baseline on sts-b: +6.00" in text
     assert "small+token − small on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +0.50, +0.00" in text
     assert "map+noclip − map on sts-b: +1.50 points over 1 paired seed(s), per-seed differences +1.50" in text
+    assert "map+aug − map+long on sts-b: -0.25 points over 2 paired seed(s), per-seed differences +0.50, -1.00" in text
     t["teacher"]["sst-2"], t["rows"]["small"]["sst-2"] = 88.0, cell([91.0, 92.0, 90.0])  # students above
     t["rows"]["small"]["cola"] = cell([26.0, 25.8, 25.6])
     text = "\n".join(summarise.targets(t))

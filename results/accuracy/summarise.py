@@ -298,6 +298,7 @@ def targets(t: dict) -> list[str]:
                    + ", ".join(x for x, g in zip(TARGET_TASKS, gaps) if not g) + ")")
     pairs = [(row, "baseline") for row in ("map", "output", "unified", "ti-g", "small")] + [(r, "small") for r in CANDIDATES]
     pairs += [(r, "map") for r in LEVERS]
+    pairs += [("map+aug", "map+long")]  # same steps and LR, only the data differs: the augmentation's own effect
     for row, ref in pairs:
         for x in TARGET_TASKS:
             a, b = t["rows"].get(row, {}).get(x), t["rows"].get(ref, {}).get(x)
