@@ -82,13 +82,15 @@ def test_unified_row_waits_for_the_gamma_sweep_then_takes_its_best_form(tmp_path
 
 
 def test_targets_report_the_recipes_gap_and_paired_differences():
-    cell = lambda best, steps=540: {"best": dict(zip((42, 52, 62), best)), "steps": dict.fromkeys((42, 52, 62), steps)}
+    def cell(best, steps=540, final=None):
+        seeds = (42, 52, 62)
+        return {"best": dict(zip(seeds, best)), "final": dict(zip(seeds, final or best)), "steps": dict.fromkeys(seeds, steps)}
     t = {"teacher": {"sts-b": 84.5, "cola": 26.4},
          "rows": {"small": {"sts-b": cell([84.0, 83.0, 83.5]), "cola": cell([25.0])},
                   "baseline": {"sts-b": cell([78.0, 77.0])}, "map": {"sts-b": cell([79.0, 76.5, 80.0])},
                   "small+token": {"sts-b": cell([84.5, 83.0])}, "small+12ep": {"sts-b": cell([83.0, 83.5, 83.8], 2160)},
                   "map+noclip": {"sts-b": cell([80.5])}, "map+long": {"sts-b": cell([82.0, 81.0], 1080)},
-                  "map+aug": {"sts-b": cell([82.5, 80.0], 1080)}}}
+                  "map+aug": {"sts-b": cell([82.5, 80.0], 1080, final=[81.0, 79.5])}}}
     text = "\n".join(summarise.targets(t))
     assert "`small+token` vs teacher on STS-B: 0.75 points below (2 seed(s), 540 steps); ≤ 1.0 over 3 seeds: open" in text
     assert "`small+12ep` vs teacher on STS-B: 1.07 points below (3 seed(s), 2160 steps); ≤ 1.0 over 3 seeds: not met" in text
@@ -98,7 +100,8 @@ def test_targets_report_the_recipes_gap_and_paired_differences():
     assert "small − baseline on sts-b: +6.00" in text
     assert "small+token − small on sts-b: +0.25 points over 2 paired seed(s), per-seed differences +0.50, +0.00" in text
     assert "map+noclip − map on sts-b: +1.50 points over 1 paired seed(s), per-seed differences +1.50" in text
-    assert "map+aug − map+long on sts-b: -0.25 points over 2 paired seed(s), per-seed differences +0.50, -1.00" in text
+    assert ("map+aug − map+long on sts-b: -0.25 points over 2 paired seed(s), per-seed differences +0.50, -1.00; "
+            "final step -1.25 (-1.00, -1.50)") in text
     t["teacher"]["sst-2"], t["rows"]["small"]["sst-2"] = 88.0, cell([91.0, 92.0, 90.0])  # students above
     t["rows"]["small"]["cola"] = cell([26.0, 25.8, 25.6])
     text = "\n".join(summarise.targets(t))
