@@ -75,6 +75,20 @@ def test_cached_tensors_equal_the_live_teacher_at_real_tokens_and_zero_at_paddin
             assert (g[~m] == 0).all()
 
 
+def test_random_access_mapping_gives_the_plain_memmaps_batches(setup):
+    tmp, cfg, teacher, data = setup
+    folder = _open(cfg, teacher, data).folder
+    fast, plain = tc.TeacherCache.open(folder), tc.TeacherCache.open(folder, random_access=False)
+    assert fast.maps and not plain.maps  # Linux: every file mapped with MADV_RANDOM
+    for b in _batches(data):
+        got, ref = (c.batch(b.index, b.input_ids.shape[1], ALL, torch.device("cpu")) for c in (fast, plain))
+        assert torch.equal(got.logits, ref.logits) and torch.equal(got.embeddings, ref.embeddings)
+        for g, r in zip(got.layers, ref.layers):
+            for name in ALL - {"hidden"}:
+                assert torch.equal(getattr(g, name), getattr(r, name)), name
+            assert torch.equal(g.hidden, r.hidden)
+
+
 def test_loss_terms_with_the_cache_equal_the_live_ones_without_padding_errors(setup):
     tmp, cfg, teacher, data = setup
     cache = _open(cfg, teacher, data)

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -138,8 +139,10 @@ def _shape_dict(teacher: BertForGlue) -> dict:
 class TeacherCache:
     """Per-example teacher tensors (`arrays[slot]`: flat, example i at offsets[name][i:i+2]) and how to pad a batch."""
 
-    def __init__(self, meta: dict, arrays: dict[Slot, Tensor], folder: Path | None = None):
+    def __init__(self, meta: dict, arrays: dict[Slot, Tensor], folder: Path | None = None,
+                 maps: dict[Slot, mmap.mmap] | None = None):
         self.meta, self.arrays, self.folder = meta, arrays, folder
+        self.maps = maps or {}  # the files' mappings when opened for random access (`open`), read by `prefetch`
         self.lengths = np.asarray(meta["lengths"], dtype=np.int64)
         self.tensors = frozenset(meta["tensors"])
         self.live_dtype = {k: getattr(torch, v) for k, v in meta["live_dtype"].items()}
@@ -180,6 +183,8 @@ class TeacherCache:
                     out[b, :n] = p
             return out.to(device=device, dtype=self.live_dtype[slot.name], non_blocking=True)
 
+        slots = [Slot("logits", 0)] + [s for s in self.arrays if s.name in keep]
+        self.prefetch(idx, slots)
         logits = padded(Slot("logits", 0))
         layers = [LayerOutput() for _ in range(L)]
         embeddings = None
@@ -261,15 +266,40 @@ class TeacherCache:
         return getattr(out.layers[s.layer], s.name)
 
     @classmethod
-    def open(cls, folder: Path, in_memory: bool = False) -> TeacherCache:
-        """A complete cache folder, memory-mapped (or read into RAM)."""
+    def open(cls, folder: Path, in_memory: bool = False, random_access: bool = True) -> TeacherCache:
+        """A complete cache folder, memory-mapped (or read into RAM).
+
+        random_access: map each file with madvise(MADV_RANDOM) and have `batch` ask for exactly its rows
+        (MADV_WILLNEED) first. The plain np.memmap (False) is the reference: same values, but each page fault on a
+        cold page reads the kernel's whole read-around window (read_ahead_kb, 8 MB on this machine's disk), which
+        for a cache larger than the free RAM read ~300x the bytes a batch needs (bench/bench_cache_io.py)."""
         meta = json.loads((folder / META).read_text())
         storage = _NP_STORAGE[meta["dtype"]]
-        arrays = {}
+        arrays, maps = {}, {}
         for s in _slots(frozenset(meta["tensors"]), meta["shape"]["num_layers"]):
-            a = np.fromfile(folder / s.file, dtype=storage) if in_memory else np.memmap(folder / s.file, dtype=storage, mode="c")
+            if in_memory:
+                a = np.fromfile(folder / s.file, dtype=storage)
+            elif random_access and hasattr(mmap, "MADV_RANDOM"):
+                with open(folder / s.file, "rb") as f:  # the mapping outlives the file object
+                    maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write, as np.memmap "c"
+                maps[s].madvise(mmap.MADV_RANDOM)
+                a = np.frombuffer(maps[s], dtype=storage)
+            else:
+                a = np.memmap(folder / s.file, dtype=storage, mode="c")
             arrays[s] = _as_tensor(a, meta["dtype"])
-        return cls(meta, arrays, folder)
+        return cls(meta, arrays, folder, maps)
+
+    def prefetch(self, idx: list[int], slots: list[Slot]) -> None:
+        """Start reading examples idx of `slots` from disk at once (asynchronous), before `batch` copies them: one
+        MADV_WILLNEED per example and file, covering exactly its bytes (page-aligned)."""
+        for s in slots:
+            m = self.maps.get(s)
+            if m is None:
+                continue
+            o, item = self.offsets[s.name], self.arrays[s].element_size()
+            for i in idx:
+                start = int(o[i]) * item // mmap.PAGESIZE * mmap.PAGESIZE
+                m.madvise(mmap.MADV_WILLNEED, start, int(o[i + 1]) * item - start)
 
 
 def _as_tensor(a: np.ndarray, dtype: str) -> Tensor:
