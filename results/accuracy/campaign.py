@@ -25,9 +25,9 @@ Memory: a run reads its teacher's tensors from a memory-mapped disk cache (cache
 are large: 14 GB for baseline or map (hidden states + scores or probabilities), 22 GB with attention outputs (output,
 TI). On a 24 GiB machine two SST-2 runs at once (--jobs 2, or two campaigns) evict each other's pages. With the plain
 np.memmap both ran ~4x slower (48% I/O wait, measured 2026-12-07). Since the cache maps its files for random access
-(transformer/teacher_cache.py), two SST-2 runs side by side (TI-G step 2 and unified, both reading the one 22 GB cache) ran at 1.0 it/s
-each, 2.0 together, against 1.3-1.5 it/s for one alone, with 2-10% I/O wait (measured 2026-12-07 evening), so two
-SST-2 jobs are now worth it.
+(transformer/teacher_cache.py), two SST-2 runs reading the one 22 GB cache (TI-G step 2 beside unified) ran at 1.0 it/s
+each, 2.0 together, against 1.3-1.5 it/s for one alone, with 2-10% I/O wait (measured 2026-12-07 evening): worth two
+jobs. Two runs on different SST-2 caches (14 + 22 GB) have not been measured since.
 """
 from __future__ import annotations
 
