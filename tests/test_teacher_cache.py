@@ -4,6 +4,8 @@ import dataclasses
 import json
 import mmap
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from transformer.losses import LossContext, distill_loss, identity_layer_map
 from transformer.model import KEEPABLE, load_bert
 from transformer.quant import quantize_model
 from transformer.train import kd_forward, load_tokenizer, teacher_tensors
-from tests.conftest import tiny_flags, write_mini_glue
+from tests.conftest import REPO, tiny_flags, write_mini_glue
 
 ALL = frozenset(KEEPABLE)
 NOISE = dict(rtol=1e-5, atol=1e-6)  # fp32: a row computed in another batch (other padding) rounds differently
@@ -88,6 +90,25 @@ def test_random_access_mapping_gives_the_plain_memmaps_batches(setup):
             for name in ALL - {"hidden"}:
                 assert torch.equal(getattr(g, name), getattr(r, name)), name
             assert torch.equal(g.hidden, r.hidden)
+
+
+def test_cache_io_benchmark_reports_both_mappings_on_a_real_cache(setup, tmp_path):
+    """bench/bench_cache_io.py end to end on the tiny cache: both modes' rows, their tensors checked equal, the bytes
+    the batches hold counted the same way in both. No timing assertions."""
+    _, cfg, teacher, data = setup
+    folder = _open(cfg, teacher, data).folder
+    out = tmp_path / "io.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cache_io.py"), "--folder", str(folder),
+                        "--batches", "2", "--batch-size", "4", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "same tensors: True" in r.stdout and "| mode | ms/batch |" in r.stdout
+    result = json.loads(out.read_text())
+    plain, fast = result["rows"]
+    assert (plain["mode"], fast["mode"]) == ("plain np.memmap", "random access + prefetch")
+    assert plain["mb_needed_per_batch"] == fast["mb_needed_per_batch"] > 0  # the same batches
+    for row in (plain, fast):
+        assert row["ms_per_batch"] > 0 and row["warm_ms_per_batch"] > 0 and row["mb_read_per_batch"] >= 0
 
 
 def test_loss_terms_with_the_cache_equal_the_live_ones_without_padding_errors(setup):
